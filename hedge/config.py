@@ -1,0 +1,335 @@
+"""Configuration: the TOML contract of DESIGN §4, loaded into frozen dataclasses.
+
+Validation happens once at start-up and every problem names the exact key, so a typo in a config never
+turns into a 500 at request time. Everything has a default except what only the operator can know
+(provider URLs, model prices).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STRATEGIES = ("hedge", "failover", "cheapest", "auto")
+VIRTUAL_PREFIX = "gammainfra/"
+
+
+class ConfigError(ValueError):
+    """A config problem; the message starts with the dotted key that is wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Upstream timeouts in seconds. Defaults suit LLM APIs: connecting is fast, thinking is not."""
+
+    connect: float = 5.0
+    first_token: float = 60.0
+    idle: float = 60.0
+    total: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys_env: str | None = "HEDGE_API_KEYS"
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_concurrency: int = 2000
+    shutdown_grace_s: float = 30.0
+    access_log: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    base_url: str
+    api_key_env: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    @property
+    def chat_url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+    def api_key(self) -> str | None:
+        """Read at call time so a rotated key in the environment is picked up; never logged."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+@dataclass(frozen=True, slots=True)
+class Serve:
+    provider: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    input_usd_per_mtok: float
+    output_usd_per_mtok: float
+    context_window: int
+    max_output_tokens: int
+    serve: tuple[Serve, ...]
+    tags: tuple[str, ...] = ()
+    quality: float = 0.5
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    strategy: str
+    candidates: tuple[str, ...]
+    quantile: float = 0.95
+    min_delay_ms: float = 25.0
+    max_delay_ms: float = 3000.0
+    default_delay_ms: float = 500.0
+    max_attempts: int = 3
+    hedge_budget: float = 0.10
+    hedge_burst: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackConfig:
+    """How fast statistics forget and how eagerly breakers open."""
+
+    half_life_s: float = 10.0
+    min_samples: float = 3.0
+    failure_threshold: int = 5
+    base_backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    providers: dict[str, ProviderConfig]
+    models: dict[str, ModelConfig]
+    routes: dict[str, RouteConfig]
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _table(d: Any, key: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{key}: expected a table, got {type(d).__name__}")
+    return d
+
+
+def _num(
+    d: dict[str, Any], key: str, path: str, default: float, *, lo: float = 0.0, hi: float = math.inf
+) -> float:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+        raise ConfigError(f"{path}.{key}: expected a number, got {v!r}")
+    if not lo <= v <= hi:
+        raise ConfigError(f"{path}.{key}: {v!r} is out of range [{lo}, {hi}]")
+    return float(v)
+
+
+def _int(d: dict[str, Any], key: str, path: str, default: int, *, lo: int = 0, hi: int = 2**31) -> int:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{path}.{key}: expected an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise ConfigError(f"{path}.{key}: {v!r} is out of range [{lo}, {hi}]")
+    return v
+
+
+def _str(d: dict[str, Any], key: str, path: str, default: str | None = None) -> str | None:
+    v = d.get(key, default)
+    if v is not None and not isinstance(v, str):
+        raise ConfigError(f"{path}.{key}: expected a string, got {v!r}")
+    return v
+
+
+def _unknown(d: dict[str, Any], allowed: set[str], path: str) -> None:
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise ConfigError(f"{path}.{extra[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _timeouts(d: dict[str, Any], path: str, base: Timeouts) -> Timeouts:
+    _unknown(d, {"connect_ms", "first_token_ms", "idle_ms", "total_ms"}, path)
+    return Timeouts(
+        connect=_num(d, "connect_ms", path, base.connect * 1000, lo=1) / 1000,
+        first_token=_num(d, "first_token_ms", path, base.first_token * 1000, lo=1) / 1000,
+        idle=_num(d, "idle_ms", path, base.idle * 1000, lo=1) / 1000,
+        total=_num(d, "total_ms", path, base.total * 1000, lo=1) / 1000,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- loader
+
+
+def parse_config(raw: dict[str, Any]) -> Config:
+    """Turn a parsed TOML document into a validated Config (raises ConfigError naming the key)."""
+    _unknown(raw, {"server", "timeouts", "providers", "models", "routes", "feedback"}, "config")
+    s = _table(raw.get("server", {}), "server")
+    _unknown(
+        s,
+        {
+            "host",
+            "port",
+            "api_keys_env",
+            "max_body_bytes",
+            "max_concurrency",
+            "shutdown_grace_s",
+            "access_log",
+        },
+        "server",
+    )
+    access_log = s.get("access_log", False)
+    if not isinstance(access_log, bool):
+        raise ConfigError(f"server.access_log: expected true or false, got {access_log!r}")
+    server = ServerConfig(
+        host=_str(s, "host", "server", "127.0.0.1") or "127.0.0.1",
+        port=_int(s, "port", "server", 8080, hi=65535),
+        api_keys_env=_str(s, "api_keys_env", "server", "HEDGE_API_KEYS"),
+        max_body_bytes=_int(s, "max_body_bytes", "server", 4 * 1024 * 1024, lo=1024),
+        max_concurrency=_int(s, "max_concurrency", "server", 2000, lo=1),
+        shutdown_grace_s=_num(s, "shutdown_grace_s", "server", 30.0),
+        access_log=access_log,
+    )
+    timeouts = _timeouts(_table(raw.get("timeouts", {}), "timeouts"), "timeouts", Timeouts())
+
+    providers: dict[str, ProviderConfig] = {}
+    for name, p in _table(raw.get("providers", {}), "providers").items():
+        path = f"providers.{name}"
+        p = _table(p, path)
+        _unknown(p, {"base_url", "api_key_env", "timeouts"}, path)
+        base_url = _str(p, "base_url", path)
+        if not base_url or not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{path}.base_url: expected an http:// or https:// URL, got {base_url!r}")
+        providers[name] = ProviderConfig(
+            name=name,
+            base_url=base_url,
+            api_key_env=_str(p, "api_key_env", path),
+            timeouts=_timeouts(
+                _table(p.get("timeouts", {}), f"{path}.timeouts"), f"{path}.timeouts", timeouts
+            ),
+        )
+    if not providers:
+        raise ConfigError("providers: at least one provider is required")
+
+    models: dict[str, ModelConfig] = {}
+    for name, m in _table(raw.get("models", {}), "models").items():
+        path = f'models."{name}"'
+        m = _table(m, path)
+        _unknown(
+            m,
+            {
+                "input_usd_per_mtok", "output_usd_per_mtok", "context_window", "max_output_tokens",
+                "serve", "tags", "quality", "description",
+            },
+            path,
+        )  # fmt: skip
+        if name.startswith(VIRTUAL_PREFIX):
+            raise ConfigError(f"{path}: names starting with {VIRTUAL_PREFIX!r} are reserved for routes")
+        serve_raw = m.get("serve")
+        if not isinstance(serve_raw, list) or not serve_raw:
+            raise ConfigError(f"{path}.serve: expected a non-empty list of {{provider, model}} tables")
+        serve: list[Serve] = []
+        for i, sv in enumerate(serve_raw):
+            sp = f"{path}.serve[{i}]"
+            sv = _table(sv, sp)
+            _unknown(sv, {"provider", "model"}, sp)
+            prov = _str(sv, "provider", sp)
+            if prov not in providers:
+                raise ConfigError(f"{sp}.provider: unknown provider {prov!r} (have: {', '.join(providers)})")
+            serve.append(Serve(provider=prov, model=_str(sv, "model", sp, name) or name))
+        tags = m.get("tags", [])
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ConfigError(f"{path}.tags: expected a list of strings")
+        models[name] = ModelConfig(
+            name=name,
+            input_usd_per_mtok=_num(m, "input_usd_per_mtok", path, 0.0),
+            output_usd_per_mtok=_num(m, "output_usd_per_mtok", path, 0.0),
+            context_window=_int(m, "context_window", path, 128000, lo=1),
+            max_output_tokens=_int(m, "max_output_tokens", path, 16384, lo=1),
+            serve=tuple(serve),
+            tags=tuple(tags),
+            quality=_num(m, "quality", path, 0.5, hi=1.0),
+            description=_str(m, "description", path, "") or "",
+        )
+    if not models:
+        raise ConfigError("models: at least one model is required")
+
+    routes: dict[str, RouteConfig] = {}
+    for name, r in _table(raw.get("routes", {}), "routes").items():
+        path = f'routes."{name}"'
+        routes[name] = _route(name, _table(r, path), path, models)
+    for name, strategy in (
+        ("gammainfra/fast", "hedge"),
+        ("gammainfra/cheap", "cheapest"),
+        ("gammainfra/auto", "auto"),
+    ):
+        routes.setdefault(name, RouteConfig(name=name, strategy=strategy, candidates=tuple(models)))
+    for name in routes:
+        if name in models:
+            raise ConfigError(f'routes."{name}": a route cannot have the same name as a model')
+
+    f = _table(raw.get("feedback", {}), "feedback")
+    _unknown(
+        f, {"half_life_s", "min_samples", "failure_threshold", "base_backoff_s", "max_backoff_s"}, "feedback"
+    )
+    feedback = FeedbackConfig(
+        half_life_s=_num(f, "half_life_s", "feedback", 10.0, lo=0.1),
+        min_samples=_num(f, "min_samples", "feedback", 3.0, lo=0.5),
+        failure_threshold=_int(f, "failure_threshold", "feedback", 5, lo=1),
+        base_backoff_s=_num(f, "base_backoff_s", "feedback", 1.0, lo=0.01),
+        max_backoff_s=_num(f, "max_backoff_s", "feedback", 60.0, lo=0.01),
+    )
+    return Config(server=server, providers=providers, models=models, routes=routes, feedback=feedback)
+
+
+def _route(name: str, r: dict[str, Any], path: str, models: dict[str, ModelConfig]) -> RouteConfig:
+    _unknown(
+        r,
+        {
+            "strategy", "candidates", "quantile", "min_delay_ms", "max_delay_ms", "default_delay_ms",
+            "max_attempts", "hedge_budget", "hedge_burst",
+        },
+        path,
+    )  # fmt: skip
+    strategy = _str(r, "strategy", path, "hedge")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"{path}.strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    cands = r.get("candidates", list(models))
+    if not isinstance(cands, list) or not cands or not all(isinstance(c, str) for c in cands):
+        raise ConfigError(f"{path}.candidates: expected a non-empty list of model names")
+    for c in cands:
+        if c not in models:
+            raise ConfigError(f"{path}.candidates: unknown model {c!r}")
+    route = RouteConfig(
+        name=name,
+        strategy=strategy,
+        candidates=tuple(cands),
+        quantile=_num(r, "quantile", path, 0.95, lo=0.01, hi=0.999),
+        min_delay_ms=_num(r, "min_delay_ms", path, 25.0),
+        max_delay_ms=_num(r, "max_delay_ms", path, 3000.0),
+        default_delay_ms=_num(r, "default_delay_ms", path, 500.0),
+        max_attempts=_int(r, "max_attempts", path, 3, lo=1, hi=16),
+        hedge_budget=_num(r, "hedge_budget", path, 0.10, hi=1.0),
+        hedge_burst=_num(r, "hedge_burst", path, 5.0, lo=1.0),
+    )
+    if route.min_delay_ms > route.max_delay_ms:
+        raise ConfigError(f"{path}.min_delay_ms: must not exceed max_delay_ms ({route.max_delay_ms})")
+    return route
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML file; errors carry the file name and the key."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return parse_config(raw)

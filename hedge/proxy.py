@@ -1,0 +1,580 @@
+"""The request path (DESIGN §1): run a `Race` with real upstream attempts and move the winner's bytes.
+
+This module is the I/O edge. Decisions come from `race.Race` (launch/commit/cancel) and `feedback`
+(order, delay, budget); here we only open connections, read until a first token, cancel, and copy bytes.
+
+Streams after the win are copied chunk by chunk. The only look at them is event-aligned and cheap:
+we forward whole SSE events (holding back a partial event until its end arrives, so the bytes are the
+upstream's own, in order), look for the usage event with one substring search per chunk (to compute the
+cost and to strip that event when the caller did not ask for it), and put the cost comment line before
+`data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .catalog import Candidate, Catalog, Plan
+from .errors import ApiError, sse_error_event
+from .feedback import DEFAULT_EAGERNESS, Feedback
+from .metrics import Metrics
+from .race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Reject
+from .request import ChatRequest, parse_chat_request, parse_cost_quality, parse_preference
+from .secrets import Scrubber
+from .sse import TOKEN, FirstTokenDetector, StreamError
+from .upstream import Upstream, UpstreamError, UpstreamResponse
+
+log = logging.getLogger("hedge.proxy")
+
+ERROR_BODY_LIMIT = 64 * 1024
+RESPONSE_LIMIT = 64 * 1024 * 1024
+PENDING_LIMIT = 1 << 20
+USAGE_MARK = b'"usage":{'
+DONE_MARK = b"data: [DONE]"
+
+
+@dataclass(slots=True)
+class AttemptResult:
+    """What an attempt task returns: a first token (resp + bytes so far) or a failure."""
+
+    failure: Failure | None = None
+    resp: UpstreamResponse | None = None
+    chunks: list[bytes] | None = None
+    parsed: dict[str, Any] | None = None  # non-streaming body
+    error_body: bytes = b""
+    first_at: float = 0.0
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    v = headers.get("Retry-After")
+    if not v:
+        return None
+    try:
+        return max(0.0, float(v))
+    except ValueError:
+        return None  # an HTTP-date: rare from LLM APIs; the breaker's own backoff applies
+
+
+def classify_status(status: int, headers: Mapping[str, str]) -> Failure:
+    """408/409/429/5xx (and 401/403/404: *our* provider key or model id is wrong, not the caller's
+    request) try the next candidate; other 4xx are the caller's fault and are returned as they are."""
+    reason = f"http_{status}"
+    if status in (401, 403, 404, 408, 409, 429) or status >= 500 or status < 400:
+        return Failure(FailureKind.RETRYABLE, reason, status, retry_after_seconds(headers))
+    return Failure(FailureKind.CALLER, reason, status)
+
+
+def cost_header(cost: float) -> str:
+    return f"{cost:.10f}"
+
+
+class Proxy:
+    """Holds the long-lived parts (catalog, feedback, metrics, upstream client) and serves requests."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        feedback: Feedback | None = None,
+        metrics: Metrics | None = None,
+        upstream: Upstream | None = None,
+        api_keys: tuple[str, ...] = (),
+        clock=time.monotonic,
+    ) -> None:
+        from .auth import KeyChecker  # local: auth imports errors only
+
+        self.catalog = catalog
+        self.config = catalog.config
+        self.feedback = feedback or Feedback(self.config.feedback)
+        self.metrics = metrics or Metrics()
+        self.upstream = upstream or Upstream()
+        self.keys = KeyChecker(api_keys)
+        self.clock = clock
+        self.scrub = Scrubber.from_providers(self.config.providers.values())
+        self.inflight = 0
+        self._known_prefs = {p for p in self.config.providers} | set(self.config.models)
+        self._known_prefs |= {c.endpoint for c in catalog.all_candidates()}
+        self._headers: dict[str, dict[str, str]] = {}
+        for name, p in self.config.providers.items():
+            h = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+            key = p.api_key()
+            if key:
+                h["Authorization"] = f"Bearer {key}"
+            self._headers[name] = h
+        self.tasks: set[asyncio.Task] = set()  # live attempt tasks, for leak tests
+
+    # ------------------------------------------------------------------------------- handler
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        t_in = self.clock()
+        key_id = self.keys.check(request.headers.get("Authorization"))
+        if self.inflight >= self.config.server.max_concurrency:
+            raise ApiError(
+                503,
+                "The gateway is at its concurrency limit; retry shortly.",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            )
+        ctype = request.headers.get("Content-Type", "application/json")
+        if "json" not in ctype.lower():
+            raise ApiError(
+                415, f"Content-Type must be application/json, got {ctype!r}.", code="unsupported_media_type"
+            )
+        raw = await request.read()
+        req = parse_chat_request(raw)
+        plan = self.catalog.resolve(req.model)
+        dial = parse_cost_quality(request.headers.get("X-GammaInfra-Cost-Quality"))
+        pref = parse_preference(request.headers.get("X-GammaInfra-Preference"), self._known_prefs)
+        cands = self._fit(plan, req, dial)
+        now = self.clock()
+        ordered = self.feedback.order(plan, now, pref, cands)
+
+        self.inflight += 1
+        self.metrics.inflight_requests.inc()
+        if key_id is not None:
+            self.metrics.key_requests.labels(key_id).inc()
+        code = "200"
+        try:
+            resp = await self._serve(request, req, plan, ordered, dial, t_in, key_id)
+            code = str(resp.status)
+            return resp
+        except ApiError as e:
+            code = str(e.status)
+            raise
+        except asyncio.CancelledError:
+            code = "499"
+            raise
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight_requests.dec()
+            self.metrics.requests.labels(plan.name, code).inc()
+
+    def _fit(self, plan: Plan, req: ChatRequest, dial: float | None) -> tuple[Candidate, ...]:
+        """Drop candidates that cannot take this request (max output, context window)."""
+        cands = plan.candidates
+        if plan.strategy == "auto":
+            from .autoroute import choose_chain
+
+            cands = choose_chain(req, cands, DEFAULT_EAGERNESS if dial is None else dial)
+        est = req.prompt_tokens_estimate
+        fit = [
+            c for c in cands
+            if (req.max_tokens is None or req.max_tokens <= c.model.max_output_tokens)
+            and est <= c.model.context_window
+        ]  # fmt: skip
+        if fit:
+            return tuple(fit)
+        if req.max_tokens is not None and all(req.max_tokens > c.model.max_output_tokens for c in cands):
+            limit = max(c.model.max_output_tokens for c in cands)
+            param = "max_completion_tokens" if "max_completion_tokens" in req.body else "max_tokens"
+            raise ApiError(
+                400,
+                f"{param} is {req.max_tokens}, but '{plan.name}' supports at most {limit} output tokens.",
+                param=param,
+                code="invalid_value",
+            )
+        window = max(c.model.context_window for c in cands)
+        raise ApiError(
+            400,
+            f"The prompt is about {est} tokens (estimated as characters/4), which exceeds the "
+            f"{window}-token context window of '{plan.name}'.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+
+    # ---------------------------------------------------------------------------------- race
+
+    async def _serve(
+        self,
+        request: web.Request,
+        req: ChatRequest,
+        plan: Plan,
+        cands: list[Candidate],
+        dial: float | None,
+        t_in: float,
+        key_id: str | None,
+    ) -> web.StreamResponse:
+        now = self.clock()
+        eagerness = DEFAULT_EAGERNESS if dial is None else dial
+        delays = self.feedback.delay_policy(plan, cands, now, eagerness)
+        budget = None
+        if delays is not None:
+            budget = self.feedback.budget(plan.route)
+            budget.on_request()
+            d0 = delays.delay(0)
+            if d0 is not None:
+                self.metrics.hedge_delay.labels(plan.name).set(d0)
+        max_attempts = plan.route.max_attempts
+        race = Race(len(cands), max_attempts=max_attempts, delays=delays, budget=budget)
+
+        body = req.body
+        if req.stream and not req.wants_usage:
+            body = dict(body)
+            so = dict(body.get("stream_options") or {})
+            so["include_usage"] = True  # we need usage for the cost; the usage event is stripped again
+            body["stream_options"] = so
+        tasks: dict[int, asyncio.Task[AttemptResult]] = {}
+        by_task: dict[asyncio.Task[AttemptResult], int] = {}
+        results: dict[int, AttemptResult] = {}
+        winner: AttemptResult | None = None
+        win_idx = -1
+        outcome: web.StreamResponse | None = None
+        t_launch0 = now
+        try:
+            actions = race.start(now)
+            while True:
+                for act in actions:
+                    if isinstance(act, Launch):
+                        c = cands[act.candidate]
+                        if act.reason != "initial":
+                            self.metrics.hedges.labels(plan.name, act.reason).inc()
+                        payload = orjson.dumps({**body, "model": c.upstream_model})
+                        t = asyncio.ensure_future(self._attempt(c, payload, req.stream))
+                        tasks[act.attempt] = t
+                        by_task[t] = act.attempt
+                        self.tasks.add(t)
+                        t.add_done_callback(self.tasks.discard)
+                    elif isinstance(act, Cancel):
+                        for i in act.attempts:
+                            self._cancel(i, tasks, results, race, cands, act.reason, req)
+                    elif isinstance(act, Commit):
+                        win_idx = act.attempt
+                        winner = results[act.attempt]
+                    elif isinstance(act, Reject):
+                        outcome = self._reject(results[act.attempt])
+                    elif isinstance(act, GiveUp):
+                        raise self._give_up(plan, cands, act)
+                if race.budget_refusals:
+                    self.metrics.budget_refusals.labels(plan.name).inc(race.budget_refusals)
+                    race.budget_refusals = 0
+                if winner is not None or outcome is not None:
+                    break
+                dl = race.deadline()
+                timeout = None if dl is None else max(0.0, dl - self.clock())
+                done, _ = await asyncio.wait(
+                    tasks.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                now = self.clock()
+                actions = []
+                for t in done:
+                    i = by_task[t]
+                    del tasks[i]
+                    r = t.result()
+                    results[i] = r
+                    c = cands[i]
+                    att = race.attempts[i]
+                    if r.failure is None:
+                        self.feedback.on_first_token(c, r.first_at - att.launched_at, now)
+                        self.metrics.upstream_ttft.labels(c.provider.name, c.upstream_model).observe(
+                            r.first_at - att.launched_at
+                        )
+                        actions += race.on_first_token(i, now)
+                    else:
+                        self.feedback.on_failure(c, r.failure, now)
+                        self._count(c, "rejected" if r.failure.kind is FailureKind.CALLER else "failed")
+                        actions += race.on_failure(i, r.failure, now)
+                actions += race.on_timer(now)
+        finally:
+            if winner is None:
+                # client gone (or an error): nothing may outlive the request
+                for act in race.on_client_gone(self.clock()):
+                    for i in act.attempts:
+                        self._cancel(i, tasks, results, race, cands, "abandoned", req)
+                for t in tasks.values():
+                    t.cancel()
+        if outcome is not None:
+            return outcome
+        assert winner is not None
+        c = cands[win_idx]
+        self._count(c, "won")
+        self.metrics.client_ttft.labels(plan.name).observe(self.clock() - t_in)
+        timing = (
+            f"setup;dur={(t_launch0 - t_in) * 1000:.2f}, "
+            f'ttft;dur={(self.clock() - t_in) * 1000:.2f};desc="{c.endpoint}", '
+            f'race;desc="attempts={len(race.attempts)}"'
+        )
+        headers = {"X-GammaInfra-Endpoint": c.endpoint, "Server-Timing": timing}
+        launched = race.attempts[win_idx].launched_at
+        if req.stream:
+            return await self._pump(request, req, plan, c, winner, headers, key_id, launched)
+        return self._finish_json(req, c, winner, headers, key_id, launched)
+
+    def _count(self, c: Candidate, outcome: str) -> None:
+        self.metrics.attempts.labels(c.provider.name, c.upstream_model, outcome).inc()
+
+    def _cancel(
+        self,
+        i: int,
+        tasks: dict[int, asyncio.Task[AttemptResult]],
+        results: dict[int, AttemptResult],
+        race: Race,
+        cands: list[Candidate],
+        reason: str,
+        req: ChatRequest,
+    ) -> None:
+        """Stop attempt i now: cancel its task (which closes its connection) and learn from it."""
+        t = tasks.pop(i, None)
+        if t is not None:
+            t.cancel()
+        r = results.get(i)
+        if r is not None and r.resp is not None:  # finished with a token in the same instant as the winner
+            r.resp.abort()
+        c = cands[i]
+        now = self.clock()
+        att = race.attempts[i]
+        if r is None:
+            self.feedback.on_cancelled(c, now - att.launched_at, now)
+        self._count(c, "abandoned" if reason == "abandoned" else "cancelled")
+        # A cancelled attempt is billed for its prompt (providers bill input once generation starts);
+        # completion tokens before the first token are unknown and counted as zero.
+        wasted = req.prompt_tokens_estimate
+        self.metrics.wasted_tokens.labels(c.model.name, c.provider.name).inc(wasted)
+        self.metrics.wasted_cost.labels(c.model.name, c.provider.name).inc(c.cost_usd(wasted, 0))
+
+    def _reject(self, r: AttemptResult) -> web.Response:
+        """Return the provider's answer to a bad request as OpenAI error JSON (scrubbed of secrets)."""
+        status = r.failure.status if r.failure and r.failure.status else 400
+        message = f"The provider rejected the request (HTTP {status})."
+        etype, param, code = "invalid_request_error", None, None
+        try:
+            parsed = orjson.loads(r.error_body) if r.error_body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            e = parsed["error"]
+            message = str(e.get("message") or message)
+            etype = str(e.get("type") or etype)
+            param = e.get("param") if isinstance(e.get("param"), str) else None
+            code = str(e["code"]) if e.get("code") is not None else None
+        return ApiError(status, self.scrub(message), param=param, code=code, type=etype).response()
+
+    def _give_up(self, plan: Plan, cands: list[Candidate], act: GiveUp) -> ApiError:
+        parts = [f"{cands[ci].endpoint}: {f.reason}" for ci, f in act.failures]
+        headers = {}
+        waits = [f.retry_after for _, f in act.failures if f.retry_after is not None]
+        if act.status == 429:
+            headers["Retry-After"] = str(max(1, round(min(waits)))) if waits else "1"
+        return ApiError(
+            act.status,
+            f"All {len(parts)} upstream attempts for '{plan.name}' failed: " + "; ".join(parts) + ".",
+            code="upstream_failed" if act.status != 429 else "rate_limited",
+            headers=headers,
+        )
+
+    # ------------------------------------------------------------------------------ attempts
+
+    async def _attempt(self, c: Candidate, payload: bytes, stream: bool) -> AttemptResult:
+        """Open one upstream call and read it until its first token (or its full body). Never raises
+        except CancelledError; always closes its connection unless it hands it over as the winner."""
+        t = c.provider.timeouts
+        resp: UpstreamResponse | None = None
+        handed_over = False
+        gauge = self.metrics.inflight_attempts.labels(c.provider.name)
+        gauge.inc()
+        try:
+            async with asyncio.timeout(t.first_token):
+                resp = await self.upstream.open(
+                    c.provider.chat_url, self._headers[c.provider.name], payload,
+                    connect_timeout=t.connect, read_timeout=t.idle,
+                )  # fmt: skip
+                if resp.status != 200:
+                    err = await resp.read_all(ERROR_BODY_LIMIT)
+                    return AttemptResult(failure=classify_status(resp.status, resp.headers), error_body=err)
+                if stream:
+                    det = FirstTokenDetector()
+                    chunks: list[bytes] = []
+                    while True:
+                        chunk = await resp.read_chunk()
+                        if not chunk:
+                            raise StreamError("upstream stream ended before any token")
+                        chunks.append(chunk)
+                        if det.feed(chunk) == TOKEN:
+                            break
+                    handed_over = True
+                    return AttemptResult(resp=resp, chunks=chunks, first_at=self.clock())
+                body = await resp.read_all(RESPONSE_LIMIT)
+                parsed = orjson.loads(body)
+                if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
+                    return AttemptResult(failure=Failure(FailureKind.RETRYABLE, "malformed", 200))
+                resp.release()
+                return AttemptResult(chunks=[body], parsed=parsed, first_at=self.clock())
+        except TimeoutError:
+            return AttemptResult(failure=Failure(FailureKind.RETRYABLE, "timeout"))
+        except UpstreamError as e:
+            return AttemptResult(failure=Failure(FailureKind.RETRYABLE, e.reason))
+        except StreamError as e:
+            reason = "error_event" if "error event" in str(e) else "malformed"
+            return AttemptResult(failure=Failure(FailureKind.RETRYABLE, reason, 200))
+        except orjson.JSONDecodeError:
+            return AttemptResult(failure=Failure(FailureKind.RETRYABLE, "malformed", 200))
+        finally:
+            gauge.dec()
+            if resp is not None and not handed_over:
+                resp.abort()
+
+    # ------------------------------------------------------------------------------ responses
+
+    def _account(self, c: Candidate, usage: Any, key_id: str | None) -> float | None:
+        if not isinstance(usage, dict):
+            return None
+        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if not isinstance(pt, int) or not isinstance(ct, int):
+            return None
+        cost = c.cost_usd(pt, ct)
+        m = self.metrics
+        m.tokens.labels(c.model.name, c.provider.name, "prompt").inc(pt)
+        m.tokens.labels(c.model.name, c.provider.name, "completion").inc(ct)
+        m.cost.labels(c.model.name, c.provider.name).inc(cost)
+        if key_id is not None:
+            m.key_cost.labels(key_id).inc(cost)
+        return cost
+
+    def _finish_json(
+        self,
+        req: ChatRequest,
+        c: Candidate,
+        r: AttemptResult,
+        headers: dict[str, str],
+        key_id: str | None,
+        launched: float,
+    ) -> web.Response:
+        assert r.parsed is not None and r.chunks is not None
+        cost = self._account(c, r.parsed.get("usage"), key_id)
+        headers["X-GammaInfra-Cost-USD"] = cost_header(cost) if cost is not None else "unknown"
+        now = self.clock()
+        self.feedback.on_complete(c, now - launched, now)
+        self.metrics.upstream_duration.labels(c.provider.name, c.upstream_model).observe(now - launched)
+        return web.Response(body=r.chunks[0], status=200, content_type="application/json", headers=headers)
+
+    async def _pump(
+        self,
+        request: web.Request,
+        req: ChatRequest,
+        plan: Plan,
+        c: Candidate,
+        r: AttemptResult,
+        headers: dict[str, str],
+        key_id: str | None,
+        launched: float,
+    ) -> web.StreamResponse:
+        """Send the winner's stream: the bytes so far, then chunk by chunk as they arrive."""
+        assert r.resp is not None and r.chunks is not None
+        up = r.resp
+        headers["X-GammaInfra-Cost-USD"] = "pending"  # exact figure: the `: X-GammaInfra-Cost-USD` line
+        out = web.StreamResponse(status=200, headers=headers)
+        out.content_type = "text/event-stream"
+        out.headers["Cache-Control"] = "no-cache"
+        strip_usage = not req.wants_usage
+        usage: Any = None
+        saw_done = False
+        pending = b""
+        total = c.provider.timeouts.total
+        completed = False
+        try:
+            await out.prepare(request)
+            first = b"".join(r.chunks)
+            chunk: bytes = first
+            async with asyncio.timeout(total):
+                while True:
+                    if pending:
+                        chunk = pending + chunk
+                        pending = b""
+                    if not chunk.endswith(b"\n\n"):
+                        cut = _event_cut(chunk)
+                        if cut == 0 and len(chunk) < PENDING_LIMIT:
+                            pending = chunk
+                            chunk = b""
+                        elif 0 < cut < len(chunk):
+                            chunk, pending = chunk[:cut], chunk[cut:]
+                    if chunk:
+                        if USAGE_MARK in chunk:
+                            chunk, u = _take_usage(chunk, strip_usage)
+                            usage = u if u is not None else usage
+                        if DONE_MARK in chunk:
+                            saw_done = True
+                            cost = self._account(c, usage, key_id)
+                            chunk = _insert_cost(chunk, cost)
+                            usage = None
+                        await out.write(chunk)
+                    chunk = await up.read_chunk()
+                    if not chunk:
+                        break
+            if pending:
+                await out.write(pending)
+            if not saw_done:
+                self._account(c, usage, key_id)
+                await out.write(
+                    sse_error_event("The upstream stream ended before [DONE].", code="stream_truncated")
+                )
+            else:
+                completed = True
+                up.release()
+            await out.write_eof()
+        except UpstreamError as e:
+            await self._end_with_error(
+                out, f"The upstream connection failed mid-stream ({e.reason}).", "upstream_reset"
+            )
+        except TimeoutError:
+            await self._end_with_error(
+                out, "The upstream stream exceeded its time limit.", "upstream_timeout"
+            )
+        except (ConnectionResetError, ConnectionError):
+            self._count(c, "abandoned")  # the client left mid-stream
+        finally:
+            if not completed:
+                up.abort()
+            now = self.clock()
+            if completed:
+                self.feedback.on_complete(c, now - launched, now)
+                self.metrics.upstream_duration.labels(c.provider.name, c.upstream_model).observe(
+                    now - launched
+                )
+        return out
+
+    @staticmethod
+    async def _end_with_error(out: web.StreamResponse, message: str, code: str) -> None:
+        try:
+            await out.write(sse_error_event(message, code=code))
+            await out.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+
+
+def _event_cut(chunk: bytes) -> int:
+    """Index just past the last complete SSE event in `chunk` (0 if none)."""
+    i = chunk.rfind(b"\n\n")
+    j = chunk.rfind(b"\r\n\r\n")
+    return max(i + 2 if i >= 0 else 0, j + 4 if j >= 0 else 0)
+
+
+def _take_usage(chunk: bytes, strip: bool) -> tuple[bytes, Any]:
+    """Find the usage event in a chunk of whole events; parse it; optionally cut it out."""
+    idx = chunk.find(USAGE_MARK)
+    start = chunk.rfind(b"data:", 0, idx)
+    end = chunk.find(b"\n\n", idx)
+    if start < 0 or end < 0:
+        return chunk, None
+    end += 2
+    try:
+        event = orjson.loads(chunk[start + 5 : end])
+    except orjson.JSONDecodeError:
+        return chunk, None
+    usage = event.get("usage") if isinstance(event, dict) else None
+    if strip and isinstance(event, dict) and not event.get("choices"):
+        chunk = chunk[:start] + chunk[end:]
+    return chunk, usage
+
+
+def _insert_cost(chunk: bytes, cost: float | None) -> bytes:
+    """Put `: X-GammaInfra-Cost-USD: <usd>` (an SSE comment, ignored by SSE clients) before [DONE]."""
+    value = cost_header(cost) if cost is not None else "unknown"
+    i = chunk.find(DONE_MARK)
+    return chunk[:i] + b": X-GammaInfra-Cost-USD: " + value.encode() + b"\n\n" + chunk[i:]
