@@ -65,8 +65,8 @@ def classify(req: ChatRequest) -> str:
     return "chat"
 
 
-def choose_chain(req: ChatRequest, cands: Sequence[Candidate], dial: float) -> tuple[Candidate, ...]:
-    task = classify(req)
+def choose_chain(task: str, cands: Sequence[Candidate], dial: float) -> tuple[Candidate, ...]:
+    """The candidates tagged for `task`, best first for the dial (see the module docstring)."""
     chain = [c for c in cands if task in c.model.tags] or list(cands)
     from .feedback import blended_price
 

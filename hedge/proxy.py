@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .autoroute import choose_chain, classify
 from .catalog import Candidate, Catalog, Plan
 from .errors import ApiError, sse_error_event
 from .feedback import DEFAULT_EAGERNESS, Feedback
@@ -133,7 +134,8 @@ class Proxy:
         plan = self.catalog.resolve(req.model)
         dial = parse_cost_quality(request.headers.get("X-GammaInfra-Cost-Quality"))
         pref = parse_preference(request.headers.get("X-GammaInfra-Preference"), self._known_prefs)
-        cands = self._fit(plan, req, dial)
+        task = classify(req) if plan.strategy == "auto" else None
+        cands = self._fit(plan, req, dial, task)
         now = self.clock()
         ordered = self.feedback.order(plan, now, pref, cands)
 
@@ -143,7 +145,7 @@ class Proxy:
             self.metrics.key_requests.labels(key_id).inc()
         code = "200"
         try:
-            resp = await self._serve(request, req, plan, ordered, dial, t_in, key_id)
+            resp = await self._serve(request, req, plan, ordered, dial, t_in, key_id, task)
             code = str(resp.status)
             return resp
         except ApiError as e:
@@ -157,13 +159,13 @@ class Proxy:
             self.metrics.inflight_requests.dec()
             self.metrics.requests.labels(plan.name, code).inc()
 
-    def _fit(self, plan: Plan, req: ChatRequest, dial: float | None) -> tuple[Candidate, ...]:
+    def _fit(
+        self, plan: Plan, req: ChatRequest, dial: float | None, task: str | None
+    ) -> tuple[Candidate, ...]:
         """Drop candidates that cannot take this request (max output, context window)."""
         cands = plan.candidates
-        if plan.strategy == "auto":
-            from .autoroute import choose_chain
-
-            cands = choose_chain(req, cands, DEFAULT_EAGERNESS if dial is None else dial)
+        if task is not None:
+            cands = choose_chain(task, cands, DEFAULT_EAGERNESS if dial is None else dial)
         est = req.prompt_tokens_estimate
         fit = [
             c for c in cands
@@ -201,6 +203,7 @@ class Proxy:
         dial: float | None,
         t_in: float,
         key_id: str | None,
+        task: str | None,
     ) -> web.StreamResponse:
         now = self.clock()
         eagerness = DEFAULT_EAGERNESS if dial is None else dial
@@ -302,6 +305,8 @@ class Proxy:
             f'race;desc="attempts={len(race.attempts)}"'
         )
         headers = {"X-GammaInfra-Endpoint": c.endpoint, "Server-Timing": timing}
+        if task is not None:
+            headers["X-GammaInfra-Task"] = task
         launched = race.attempts[win_idx].launched_at
         if req.stream:
             return await self._pump(request, req, plan, c, winner, headers, key_id, launched)
