@@ -37,7 +37,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_keys_env: str | None = "HEDGE_API_KEYS"
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 32 * 1024 * 1024
     max_concurrency: int = 2000
     shutdown_grace_s: float = 30.0
     access_log: bool = False
@@ -191,7 +191,7 @@ def parse_config(raw: dict[str, Any]) -> Config:
         host=_str(s, "host", "server", "127.0.0.1") or "127.0.0.1",
         port=_int(s, "port", "server", 8080, hi=65535),
         api_keys_env=_str(s, "api_keys_env", "server", "HEDGE_API_KEYS"),
-        max_body_bytes=_int(s, "max_body_bytes", "server", 4 * 1024 * 1024, lo=1024),
+        max_body_bytes=_int(s, "max_body_bytes", "server", 32 * 1024 * 1024, lo=1024),
         max_concurrency=_int(s, "max_concurrency", "server", 2000, lo=1),
         shutdown_grace_s=_num(s, "shutdown_grace_s", "server", 30.0),
         access_log=access_log,

@@ -166,7 +166,7 @@ class Proxy:
         cands = plan.candidates
         if task is not None:
             cands = choose_chain(task, cands, DEFAULT_EAGERNESS if dial is None else dial)
-        est = req.prompt_tokens_estimate
+        est = req.prompt_tokens_lower_bound
         fit = [
             c for c in cands
             if (req.max_tokens is None or req.max_tokens <= c.model.max_output_tokens)
@@ -186,7 +186,7 @@ class Proxy:
         window = max(c.model.context_window for c in cands)
         raise ApiError(
             400,
-            f"The prompt is about {est} tokens (estimated as characters/4), which exceeds the "
+            f"The prompt is at least {est} tokens (counted as characters/6), which exceeds the "
             f"{window}-token context window of '{plan.name}'.",
             param="messages",
             code="context_length_exceeded",

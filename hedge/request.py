@@ -15,10 +15,12 @@ import orjson
 
 from .errors import ApiError
 
-# A prompt is rejected before any upstream call only when it *clearly* exceeds the context window:
-# we estimate tokens as characters / 4 (the usual figure for English; code and CJK have more tokens per
-# character, so this underestimates them and never rejects a prompt that fits).
+# Token estimates without a tokenizer. For cost estimates (wasted attempts) we use characters / 4, the
+# usual figure for English. A prompt is rejected before any upstream call only when it *clearly* exceeds
+# the context window: there we count characters / 6, more characters per token than common tokenizers
+# average on any text (English ~4, code and CJK fewer), so a prompt that fits is never rejected.
 CHARS_PER_TOKEN = 4
+CHARS_PER_TOKEN_MAX = 6
 
 
 @dataclass(slots=True)
@@ -33,6 +35,10 @@ class ChatRequest:
     @property
     def prompt_tokens_estimate(self) -> int:
         return self.prompt_chars // CHARS_PER_TOKEN + 4 * len(self.body["messages"])
+
+    @property
+    def prompt_tokens_lower_bound(self) -> int:
+        return self.prompt_chars // CHARS_PER_TOKEN_MAX
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
