@@ -41,6 +41,7 @@ class ServerConfig:
     max_concurrency: int = 2000
     shutdown_grace_s: float = 30.0
     access_log: bool = False
+    upstream_client: str = "fast"  # fast (raw asyncio protocol) | aiohttp
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,12 +182,16 @@ def parse_config(raw: dict[str, Any]) -> Config:
             "max_concurrency",
             "shutdown_grace_s",
             "access_log",
+            "upstream_client",
         },
         "server",
     )
     access_log = s.get("access_log", False)
     if not isinstance(access_log, bool):
         raise ConfigError(f"server.access_log: expected true or false, got {access_log!r}")
+    client = _str(s, "upstream_client", "server", "fast")
+    if client not in ("fast", "aiohttp"):
+        raise ConfigError(f"server.upstream_client: {client!r} is not one of fast, aiohttp")
     server = ServerConfig(
         host=_str(s, "host", "server", "127.0.0.1") or "127.0.0.1",
         port=_int(s, "port", "server", 8080, hi=65535),
@@ -195,6 +200,7 @@ def parse_config(raw: dict[str, Any]) -> Config:
         max_concurrency=_int(s, "max_concurrency", "server", 2000, lo=1),
         shutdown_grace_s=_num(s, "shutdown_grace_s", "server", 30.0),
         access_log=access_log,
+        upstream_client=client or "fast",
     )
     timeouts = _timeouts(_table(raw.get("timeouts", {}), "timeouts"), "timeouts", Timeouts())
 
