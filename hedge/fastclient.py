@@ -377,7 +377,13 @@ class FastResponse:
 class FastUpstream:
     """Pooled raw HTTP/1.1 client with the `upstream.Upstream` interface."""
 
-    def __init__(self, *, keepalive_s: float = 30.0, max_idle_per_host: int = 256) -> None:
+    def __init__(
+        self,
+        *,
+        keepalive_s: float = 30.0,
+        max_idle_per_host: int = 256,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self._keepalive_s = keepalive_s
         self._max_idle = max_idle_per_host
         self._idle: dict[tuple[str, int, bool], list[_Conn]] = {}
@@ -385,7 +391,7 @@ class FastUpstream:
         self._heads: dict[
             tuple[str, tuple[tuple[str, str], ...]], tuple[tuple[str, int, bool], str, bytes]
         ] = {}
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context  # None: the system's default trust store, made on first https use
 
     # ----------------------------------------------------------------------------------- pool
 
