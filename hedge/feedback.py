@@ -9,10 +9,30 @@ and per route a `HedgeBudget`. It turns them into the three decisions a request 
 
 All methods take `now` explicitly so fake-clock tests drive them exactly.
 
-Ordering for `hedge` is by expected TTFT (the decayed median). A candidate whose samples have decayed
-away is *unknown* and sorts first ("optimism under uncertainty"): that is how a provider that was slow
-and recovered gets measured again, at the cost of one possibly-slow primary per forgetting window; the
-hedge behind it bounds that cost to the hedge delay. Ties (e.g. at cold start) keep config order.
+Order, for every strategy, is by tier first, then by the strategy's key, with config order breaking ties:
+
+1. **the probe**: a candidate whose breaker is half-open (backoff over, probe slot free). `order` takes
+   the probe slot for it and puts it *first*, because attempt 1 is the only one certain to launch: a
+   probe placed later might never run, and then the slot would sit taken, the candidate out of service,
+   until the breaker's probe timeout. Only one half-open candidate per request is kept (the first); the
+   others are left out of that request. The probe's cost is bounded: it fails over at once on an error,
+   and for `hedge` the next candidate launches after the delay. Concurrent requests do not see the slot
+   (`available` is false while the probe is in flight), so exactly one request probes. The proxy reports
+   a cancelled probe with `on_cancelled(lost=...)`: outrun by the hedge = failed probe, otherwise no
+   verdict and the slot is freed (`CircuitBreaker.on_cancelled`).
+2. **healthy**: breaker closed and a recent error rate below `UNHEALTHY_ERROR_RATE`. The error rate is
+   trusted only while it rests on at least `min_samples` (decayed) outcomes, so old errors are forgotten
+   at the same pace as old latencies.
+3. **erroring**: the rest (still tried, last).
+
+Within a tier, `hedge` sorts by expected TTFT (the decayed median, divided by the success rate so a
+candidate that fails often pays for it). A candidate whose samples have decayed away is *unknown* and
+sorts first ("optimism under uncertainty"): that is how a provider that was slow and recovered gets
+measured again, at the cost of one possibly-slow primary per forgetting window; the hedge behind it
+bounds that cost to the hedge delay. Censored samples keep this honest: a candidate known only from
+cancellations has an estimate (the lower bound its cancellations proved) rather than being unknown, and
+that estimate only ever rises with more cancellations. `cheapest` sorts by blended price; `failover` and
+`auto` keep config (or auto's) order, the less erroring first.
 """
 
 from __future__ import annotations
@@ -28,6 +48,10 @@ from .race import Failure, FailureKind
 from .stats import CandidateStats
 
 DEFAULT_EAGERNESS = 0.5
+UNHEALTHY_ERROR_RATE = 0.5
+"""A candidate failing at least this often (recently, before its first token) sorts after the healthy."""
+
+_PROBE, _HEALTHY, _ERRORING = 0, 1, 2
 
 
 def blended_price(c: Candidate) -> float:
@@ -35,12 +59,23 @@ def blended_price(c: Candidate) -> float:
     return (3 * c.model.input_usd_per_mtok + c.model.output_usd_per_mtok) / 4
 
 
+def dial_multiplier(eagerness: float) -> float:
+    """X-GammaInfra-Cost-Quality x (0..1) -> hedge delay multiplier 2**(1 - 2x).
+
+    0.5 (the default) keeps the quantile, 1.0 halves it (hedge sooner: lower tail, more upstream load),
+    0.25 multiplies it by 1.41, and 0 would double it but instead disables delay-triggered hedging for
+    the request (`Feedback.delay_policy` returns None; errors still fail over). The budget applies at any
+    dial, so an eager caller cannot spend more than the route's `hedge_budget`.
+    """
+    return 2.0 ** (1.0 - 2.0 * eagerness)
+
+
 class AdaptiveDelay:
     """Hedge delay = q-quantile of the running candidate's recent TTFT, clamped, times the dial factor.
 
-    The dial (X-GammaInfra-Cost-Quality, 0..1, default 0.5) maps to a multiplier 2**(1 - 2x): 0.5 keeps
-    the quantile, 1.0 halves it (more eager, more load), 0.25 multiplies it by 1.41; 0 disables
-    delay-triggered hedging for the request (errors still fail over).
+    The quantile comes from the candidate's `CandidateStats` (exact and censored samples, forgetting
+    with the configured half-life), `default_delay_ms` while it rests on fewer than `min_samples`.
+    Statistics are read as of the request's start: one request sees one consistent picture.
     """
 
     __slots__ = ("_cands", "_default", "_fb", "_hi", "_lo", "_mult", "_now", "_q")
@@ -59,16 +94,29 @@ class AdaptiveDelay:
         self._lo = route.min_delay_ms / 1000
         self._hi = route.max_delay_ms / 1000
         self._default = route.default_delay_ms / 1000
-        self._mult = 2.0 ** (1.0 - 2.0 * eagerness)
+        self._mult = dial_multiplier(eagerness)
         self._now = now
 
-    def delay(self, candidate: int) -> float | None:
+    def _estimate(self, candidate: int) -> float:
         est = self._fb.stats(self._cands[candidate]).ttft_quantile(self._q, self._now)
-        base = self._default if est is None else est
-        return min(self._hi, max(self._lo, base * self._mult))
+        return self._default if est is None else est
+
+    def delay(self, candidate: int) -> float | None:
+        """Seconds to wait for `candidate`'s first token before launching the next one."""
+        return min(self._hi, max(self._lo, self._estimate(candidate) * self._mult))
+
+    def base_delay(self, candidate: int) -> float:
+        """The delay at the default dial: the route's current delay for `candidate`, for the gauge.
+
+        Per-request dials are left out so the `hedge_hedge_delay_seconds` gauge shows what the route
+        has learned, not which caller came last.
+        """
+        return min(self._hi, max(self._lo, self._estimate(candidate)))
 
 
 class Feedback:
+    """Per-candidate statistics and breakers, per-route budgets, and the decisions made from them."""
+
     def __init__(self, cfg: FeedbackConfig) -> None:
         self.cfg = cfg
         self._stats: dict[str, CandidateStats] = {}
@@ -104,12 +152,23 @@ class Feedback:
     def circuit_states(self, now: float) -> dict[str, BreakerState]:
         return {k: b.state(now) for k, b in self._breakers.items()}
 
+    def error_rate(self, c: Candidate, now: float) -> float:
+        """Recent failure rate before the first token; 0 while it rests on < `min_samples` outcomes."""
+        s = self.stats(c)
+        if s.outcome_weight(now) < self.cfg.min_samples:
+            return 0.0
+        return s.error_rate(now)
+
     # ------------------------------------------------------------------------------- decisions
 
     def order(
         self, plan: Plan, now: float, preference: Sequence[str] = (), candidates: Sequence[Candidate] = ()
     ) -> list[Candidate]:
-        """The candidates to race, best first; raises 503 when every one is cooling down."""
+        """The candidates to race, best first (see the module docstring); 503 when all are cooling down.
+
+        Not a pure query: when a half-open candidate leads, this takes its probe slot, so call it once
+        per request and launch the first candidate it returns.
+        """
         cands = list(candidates or plan.candidates)
         available = [c for c in cands if self.breaker(c).available(now)]
         if not available:
@@ -122,33 +181,47 @@ class Feedback:
                 headers={"Retry-After": str(max(1, round(retry)))},
             )
         index = {c.endpoint: i for i, c in enumerate(cands)}
+        probing = {c.key for c in available if self.breaker(c).state(now) is not BreakerState.CLOSED}
+        rates = {c.key: self.error_rate(c, now) for c in available}
+
+        def tier(c: Candidate) -> int:
+            if c.key in probing:
+                return _PROBE
+            return _ERRORING if rates[c.key] >= UNHEALTHY_ERROR_RATE else _HEALTHY
+
         strategy = plan.strategy
         if strategy == "hedge":
 
             def key(c: Candidate) -> tuple[float, ...]:
-                s = self.stats(c)
-                est = s.expected_ttft(now)
-                penalty = 1.0 / max(0.1, 1.0 - s.error_rate(now))
-                return ((est or 0.0) * penalty, index[c.endpoint])
+                est = self.stats(c).expected_ttft(now)
+                value = 0.0 if est is None else est / max(0.1, 1.0 - rates[c.key])
+                return (tier(c), value, index[c.endpoint])
 
         elif strategy == "cheapest":
 
             def key(c: Candidate) -> tuple[float, ...]:
-                return (blended_price(c), index[c.endpoint])
+                return (tier(c), blended_price(c), index[c.endpoint])
 
         else:  # failover / auto: config (or auto's) order, the less erroring first
 
             def key(c: Candidate) -> tuple[float, ...]:
-                return (round(self.stats(c).error_rate(now), 1), index[c.endpoint])
+                return (tier(c), round(rates[c.key], 1), index[c.endpoint])
 
         available.sort(key=key)
         if preference:
             available = apply_preference(available, preference)
-        return available
+        out: list[Candidate] = []
+        for c in available:
+            # a half-open candidate goes only as attempt 1, the one launch that is certain
+            if c.key in probing and (out or not self.breaker(c).acquire(now)):
+                continue
+            out.append(c)
+        return out
 
     def delay_policy(
         self, plan: Plan, candidates: Sequence[Candidate], now: float, eagerness: float
     ) -> AdaptiveDelay | None:
+        """The hedge delays for one request; None (no delay-triggered hedges) unless hedging and x > 0."""
         if plan.strategy != "hedge" or eagerness <= 0.0:
             return None
         return AdaptiveDelay(self, plan.route, candidates, now, eagerness)
@@ -156,27 +229,53 @@ class Feedback:
     # ---------------------------------------------------------------------------------- events
 
     def on_first_token(self, c: Candidate, ttft: float, now: float) -> None:
+        """An attempt produced its first token `ttft` s after launch: an exact sample and a success."""
         s = self.stats(c)
         s.record_first_token(ttft, now)
         s.record_success(now)
         self.breaker(c).on_success(now)
 
-    def on_failure(self, c: Candidate, failure: Failure, now: float) -> None:
+    def on_failure(
+        self, c: Candidate, failure: Failure, now: float, *, launched_at: float | None = None
+    ) -> None:
+        """An attempt failed before its first token (the caller's 4xx is not the provider's failure).
+
+        `launched_at` lets the breaker tell its half-open probe from a straggler launched before it.
+        """
         if failure.kind is FailureKind.CALLER:
             return  # the request was bad, the provider was fine
         self.stats(c).record_failure(now)
-        self.breaker(c).on_failure(now, failure.retry_after)
+        self.breaker(c).on_failure(now, failure.retry_after, launched_at=launched_at)
 
-    def on_cancelled(self, c: Candidate, elapsed: float, now: float) -> None:
-        """A loser or abandoned attempt: we only know its TTFT exceeded `elapsed` (censored)."""
+    def on_cancelled(
+        self,
+        c: Candidate,
+        elapsed: float,
+        now: float,
+        *,
+        lost: bool = False,
+        launched_at: float | None = None,
+    ) -> None:
+        """A loser or abandoned attempt: we only know its TTFT exceeded `elapsed` (censored).
+
+        `lost`: it was cancelled because another attempt got the first token (not because the client
+        left or another attempt's 4xx ended the race); only a half-open probe's breaker cares, and
+        `launched_at` tells it whether this attempt can be its probe.
+        """
         self.stats(c).record_censored(elapsed, now)
+        self.breaker(c).on_cancelled(now, lost=lost, launched_at=launched_at)
 
     def on_complete(self, c: Candidate, duration: float, now: float) -> None:
+        """The winner's stream (or body) completed after `duration` s."""
         self.stats(c).record_total(duration, now)
 
 
 def apply_preference(cands: list[Candidate], preference: Sequence[str]) -> list[Candidate]:
-    """Move candidates named by X-GammaInfra-Preference (provider, model or model@provider) first."""
+    """Move candidates named by X-GammaInfra-Preference (provider, model or model@provider) first.
+
+    Preferred candidates keep the preference's order (ties among one name keep the learned order);
+    the rest follow in the learned order. A preferred candidate that is cooling down is not resurrected.
+    """
     chosen: list[Candidate] = []
     for p in preference:
         for c in cands:

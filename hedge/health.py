@@ -20,9 +20,13 @@ hostile header. It is also honoured against a success that arrives within that w
 request that was already in flight): that success resets the failure count and backoff, but the breaker
 stays open until the ``Retry-After`` deadline.
 
-The breaker is sans-IO and does not track which request was the probe: while HALF_OPEN, the next
-reported outcome (from any request) is taken as the probe's result. Any success while OPEN also closes
-the breaker (outside a ``Retry-After`` window): it is direct evidence that the provider works again.
+The breaker is sans-IO and does not track which request was the probe. Callers that pass an attempt's
+``launched_at`` let it tell the probe from a straggler: while a probe is in flight, only an attempt
+launched at or after the probe slot was taken can be the probe, so a failure of one launched earlier (it
+was in flight when the breaker opened) is counted but is not the probe's verdict. Without
+``launched_at``, the next reported outcome (from any request) is taken as the probe's result. Any
+success while OPEN also closes the breaker (outside a ``Retry-After`` window): it is direct evidence
+that the provider works again.
 """
 
 from __future__ import annotations
@@ -162,12 +166,38 @@ class CircuitBreaker:
         else:
             self._open_until = None
 
-    def on_failure(self, now: float, retry_after: float | None = None) -> None:
+    def _straggler(self, launched_at: float | None) -> bool:
+        """Was this attempt launched before the in-flight probe (so it cannot be the probe)?"""
+        probe = self._probe_at
+        return probe is not None and launched_at is not None and launched_at < probe
+
+    def on_cancelled(self, now: float, *, lost: bool, launched_at: float | None = None) -> None:
+        """An attempt was cancelled before its first token. It only matters to an in-flight probe.
+
+        Without this a cancelled probe would never report, and the slot would stay taken (the candidate
+        out of service) for ``probe_timeout_s``. ``lost``: the probe was outrun by another attempt (the
+        hedge launched after the probe's own hedge delay answered first); the probe did not show that the
+        provider answers in its usual time, so it counts as a failed probe (re-open, backoff doubled).
+        Otherwise (the client left, another attempt's 4xx ended the race) there is no verdict: the slot
+        is freed for the next request. In CLOSED or OPEN nothing changes: losing a race is no failure.
+        """
+        until = self._open_until
+        if until is None or now < until or self._probe_at is None or self._straggler(launched_at):
+            return
+        if lost:
+            self.on_failure(now)
+        else:
+            self._probe_at = None
+
+    def on_failure(
+        self, now: float, retry_after: float | None = None, *, launched_at: float | None = None
+    ) -> None:
         """A request failed (before its first token). ``retry_after``: seconds from a ``Retry-After``.
 
         CLOSED: count it; the ``failure_threshold``-th consecutive failure opens for ``base_backoff_s``.
         HALF_OPEN (the probe failed): re-open with the backoff doubled, capped at ``max_backoff_s``.
-        OPEN (a straggler that was already in flight): no change beyond the count.
+        OPEN, or HALF_OPEN but ``launched_at`` before the probe (a straggler that was already in flight):
+        no change beyond the count.
         A positive ``retry_after`` opens at once until at least ``now + min(retry_after, 1 h)``.
         """
         self._failures += 1
@@ -176,7 +206,7 @@ class CircuitBreaker:
             if self._failures >= self.failure_threshold:
                 self._backoff = self.base_backoff_s
                 self._open_until = now + self._backoff
-        elif now >= until:
+        elif now >= until and not self._straggler(launched_at):
             self._backoff = min(self._backoff * 2.0, self.max_backoff_s)
             self._open_until = now + self._backoff
             self._probe_at = None

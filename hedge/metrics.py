@@ -8,7 +8,8 @@ Names (all prefixed `hedge_`):
 - upstream_ttft_seconds / upstream_duration_seconds {provider, model}: histograms per candidate
 - attempts_total {provider, model, outcome}: outcome = won | cancelled | failed | abandoned | rejected
 - hedges_total {route, reason}: extra launches, reason = delay | error
-- budget_refusals_total {route}; hedge_delay_seconds {route}: the delay used by the latest request
+- budget_refusals_total {route}; hedge_delay_seconds {route}: the route's current hedge delay for its
+  primary at the default dial (set by every hedged request; a caller's Cost-Quality dial is left out)
 - client_ttft_seconds {route}: what the caller saw (request in -> first byte of the answer out)
 - requests_total {route, code}; inflight_requests; inflight_attempts {provider}
 - tokens_total {model, provider, kind}; cost_usd_total {model, provider}
@@ -18,6 +19,8 @@ Names (all prefixed `hedge_`):
 """
 
 from __future__ import annotations
+
+import functools
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -54,7 +57,7 @@ class Metrics:
             "hedge_budget_refusals", "Delay hedges refused by the hedge budget", ("route",), registry=r
         )
         self.hedge_delay = Gauge(
-            "hedge_hedge_delay_seconds", "Hedge delay used for the latest request's primary", ("route",),
+            "hedge_hedge_delay_seconds", "Current hedge delay of the route's primary", ("route",),
             registry=r, multiprocess_mode="mostrecent",
         )  # fmt: skip
         self.client_ttft = Histogram(
@@ -91,6 +94,15 @@ class Metrics:
         )  # fmt: skip
         self.key_requests = Counter("hedge_key_requests", "Requests per gateway key", ("key_id",), registry=r)
         self.key_cost = Counter("hedge_key_cost_usd", "Spend per gateway key (USD)", ("key_id",), registry=r)
+
+        for m in (
+            self.upstream_ttft, self.upstream_duration, self.attempts, self.hedges, self.budget_refusals,
+            self.hedge_delay, self.client_ttft, self.requests, self.inflight_attempts, self.tokens, self.cost,
+            self.wasted_tokens, self.wasted_cost, self.circuit_state, self.key_requests, self.key_cost,
+        ):  # fmt: skip
+            # `labels()` validates and locks on every call (~2.5 us); label sets here are few and never
+            # removed, so memoising the children makes each hot-path observation a dict hit.
+            m.labels = functools.lru_cache(maxsize=4096)(m.labels)  # type: ignore[method-assign]
 
     def render(self) -> bytes:
         if self._multiprocess_dir:

@@ -25,6 +25,7 @@ from aiohttp import web
 from .autoroute import choose_chain, classify
 from .catalog import Candidate, Catalog, Plan
 from .errors import ApiError, sse_error_event
+from .fastclient import FastUpstream
 from .feedback import DEFAULT_EAGERNESS, Feedback
 from .metrics import Metrics
 from .race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Reject
@@ -86,7 +87,7 @@ class Proxy:
         *,
         feedback: Feedback | None = None,
         metrics: Metrics | None = None,
-        upstream: Upstream | None = None,
+        upstream: Upstream | FastUpstream | None = None,
         api_keys: tuple[str, ...] = (),
         clock=time.monotonic,
     ) -> None:
@@ -96,7 +97,9 @@ class Proxy:
         self.config = catalog.config
         self.feedback = feedback or Feedback(self.config.feedback)
         self.metrics = metrics or Metrics()
-        self.upstream = upstream or Upstream()
+        if upstream is None:
+            upstream = FastUpstream() if self.config.server.upstream_client == "fast" else Upstream()
+        self.upstream = upstream
         self.keys = KeyChecker(api_keys)
         self.clock = clock
         self.scrub = Scrubber.from_providers(self.config.providers.values())
@@ -129,15 +132,17 @@ class Proxy:
             raise ApiError(
                 415, f"Content-Type must be application/json, got {ctype!r}.", code="unsupported_media_type"
             )
-        raw = await request.read()
+        self.inflight += 1  # a slow upload holds its slot: the read yields, the cap check above must hold
+        try:
+            raw = await request.read()
+        finally:
+            self.inflight -= 1  # taken again below, with no await in between
         req = parse_chat_request(raw)
         plan = self.catalog.resolve(req.model)
         dial = parse_cost_quality(request.headers.get("X-GammaInfra-Cost-Quality"))
         pref = parse_preference(request.headers.get("X-GammaInfra-Preference"), self._known_prefs)
         task = classify(req) if plan.strategy == "auto" else None
         cands = self._fit(plan, req, dial, task)
-        now = self.clock()
-        ordered = self.feedback.order(plan, now, pref, cands)
 
         self.inflight += 1
         self.metrics.inflight_requests.inc()
@@ -145,6 +150,8 @@ class Proxy:
             self.metrics.key_requests.labels(key_id).inc()
         code = "200"
         try:
+            # inside the try: a 503 "every provider is cooling down" counts in hedge_requests_total
+            ordered = self.feedback.order(plan, self.clock(), pref, cands)
             resp = await self._serve(request, req, plan, ordered, dial, t_in, key_id, task)
             code = str(resp.status)
             return resp
@@ -212,7 +219,7 @@ class Proxy:
         if delays is not None:
             budget = self.feedback.budget(plan.route)
             budget.on_request()
-            d0 = delays.delay(0)
+            d0 = delays.base_delay(0)  # the route's delay at the default dial
             if d0 is not None:
                 self.metrics.hedge_delay.labels(plan.name).set(d0)
         max_attempts = plan.route.max_attempts
@@ -239,7 +246,13 @@ class Proxy:
                         c = cands[act.candidate]
                         if act.reason != "initial":
                             self.metrics.hedges.labels(plan.name, act.reason).inc()
-                        payload = orjson.dumps({**body, "model": c.upstream_model})
+                        try:
+                            payload = orjson.dumps({**body, "model": c.upstream_model})
+                        except orjson.JSONEncodeError:  # loads takes any depth, dumps stops at 255
+                            raise ApiError(
+                                400, "The request body nests JSON deeper than 255 levels.",
+                                code="invalid_json",
+                            ) from None  # fmt: skip
                         t = asyncio.ensure_future(self._attempt(c, payload, req.stream))
                         tasks[act.attempt] = t
                         by_task[t] = act.attempt
@@ -262,9 +275,16 @@ class Proxy:
                     break
                 dl = race.deadline()
                 timeout = None if dl is None else max(0.0, dl - self.clock())
-                done, _ = await asyncio.wait(
-                    tasks.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
+                if timeout is None and len(tasks) == 1:
+                    # the common case (one attempt, no hedge timer): await it directly, which spares
+                    # asyncio.wait's per-call future and callbacks; a client cancel cancels it too
+                    (only,) = tasks.values()
+                    await only
+                    done = {only}
+                else:
+                    done, _ = await asyncio.wait(
+                        tasks.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
                 now = self.clock()
                 actions = []
                 for t in done:
@@ -281,7 +301,7 @@ class Proxy:
                         )
                         actions += race.on_first_token(i, now)
                     else:
-                        self.feedback.on_failure(c, r.failure, now)
+                        self.feedback.on_failure(c, r.failure, now, launched_at=att.launched_at)
                         self._count(c, "rejected" if r.failure.kind is FailureKind.CALLER else "failed")
                         actions += race.on_failure(i, r.failure, now)
                 actions += race.on_timer(now)
@@ -328,6 +348,10 @@ class Proxy:
         """Stop attempt i now: cancel its task (which closes its connection) and learn from it."""
         t = tasks.pop(i, None)
         if t is not None:
+            if t.done() and not t.cancelled() and i not in results:
+                # finished while we were being cancelled (the client left as asyncio.wait woke us):
+                # its result may hold an open response that nobody else will ever close
+                results[i] = t.result()
             t.cancel()
         r = results.get(i)
         if r is not None and r.resp is not None:  # finished with a token in the same instant as the winner
@@ -336,7 +360,9 @@ class Proxy:
         now = self.clock()
         att = race.attempts[i]
         if r is None:
-            self.feedback.on_cancelled(c, now - att.launched_at, now)
+            self.feedback.on_cancelled(
+                c, now - att.launched_at, now, lost=reason == "lost", launched_at=att.launched_at
+            )
         self._count(c, "abandoned" if reason == "abandoned" else "cancelled")
         # A cancelled attempt is billed for its prompt (providers bill input once generation starts);
         # completion tokens before the first token are unknown and counted as zero.
@@ -474,19 +500,19 @@ class Proxy:
         assert r.resp is not None and r.chunks is not None
         up = r.resp
         headers["X-GammaInfra-Cost-USD"] = "pending"  # exact figure: the `: X-GammaInfra-Cost-USD` line
-        out = web.StreamResponse(status=200, headers=headers)
+        out = _SSEResponse(status=200, headers=headers)
         out.content_type = "text/event-stream"
         out.headers["Cache-Control"] = "no-cache"
         strip_usage = not req.wants_usage
         usage: Any = None
         saw_done = False
-        pending = b""
+        pending = b""  # a partial SSE event, held until its end arrives
+        held = b""  # the chunk with [DONE]: it leaves together with the end of the response
         total = c.provider.timeouts.total
         completed = False
         try:
             await out.prepare(request)
-            first = b"".join(r.chunks)
-            chunk: bytes = first
+            chunk: bytes = b"".join(r.chunks)
             async with asyncio.timeout(total):
                 while True:
                     if pending:
@@ -503,36 +529,48 @@ class Proxy:
                         if USAGE_MARK in chunk:
                             chunk, u = _take_usage(chunk, strip_usage)
                             usage = u if u is not None else usage
+                        if held:  # bytes after [DONE]: unusual, but forward them in order
+                            await out.write(held)
+                            held = b""
                         if DONE_MARK in chunk:
                             saw_done = True
                             cost = self._account(c, usage, key_id)
-                            chunk = _insert_cost(chunk, cost)
+                            held = _insert_cost(chunk, cost)
                             usage = None
-                        await out.write(chunk)
+                        else:
+                            await out.write(chunk)
                     chunk = await up.read_chunk()
                     if not chunk:
                         break
-            if pending:
-                await out.write(pending)
+            last = held + pending
             if not saw_done:
                 self._account(c, usage, key_id)
-                await out.write(
-                    sse_error_event("The upstream stream ended before [DONE].", code="stream_truncated")
-                )
+                # `pending` is an event cut off by the end of the body: dropped, as an SSE client drops an
+                # unterminated event, so the error event stays a parseable event of its own
+                last = sse_error_event("The upstream stream ended before [DONE].", code="stream_truncated")
             else:
                 completed = True
                 up.release()
-            await out.write_eof()
+            await out.write_eof(last)  # one write for the last events and the chunked terminator
         except UpstreamError as e:
             await self._end_with_error(
-                out, f"The upstream connection failed mid-stream ({e.reason}).", "upstream_reset"
+                out,
+                f"The upstream connection failed mid-stream ({e.reason}).",
+                "upstream_timeout" if e.reason == "timeout" else "upstream_reset",  # idle timeout: silent
             )
         except TimeoutError:
             await self._end_with_error(
                 out, "The upstream stream exceeded its time limit.", "upstream_timeout"
             )
-        except (ConnectionResetError, ConnectionError):
-            self._count(c, "abandoned")  # the client left mid-stream
+        except ConnectionError:
+            pass  # the client left mid-stream; the finally closes the upstream connection
+        except asyncio.CancelledError:
+            # the client left (the write fails quietly) or a shutdown outlived its grace period
+            # (server.drain): either way the stream must not end looking complete
+            await self._end_with_error(
+                out, "The gateway is shutting down; this answer is incomplete.", "shutting_down"
+            )
+            raise
         finally:
             if not completed:
                 up.abort()
@@ -551,6 +589,16 @@ class Proxy:
             await out.write_eof()
         except (ConnectionError, RuntimeError):
             pass
+
+
+class _SSEResponse(web.StreamResponse):
+    """A stream response whose headers leave in the same transport write as its first bytes.
+
+    The proxy only prepares a stream once it holds the winner's first token, so there is always data to
+    send right away: one syscall fewer per request (aiohttp's own `Response` does the same).
+    """
+
+    _send_headers_immediately = False
 
 
 def _event_cut(chunk: bytes) -> int:

@@ -35,10 +35,20 @@ Design
     median just above 0.5 s (never below), and as soon as some of its real 2 s answers arrive, the
     censored mass follows them up to 2 s.
   - Censored samples count towards :meth:`DecayingHistogram.weight` (they are real observations), so a
-    candidate known only through cancellations still gets an estimate: the honest lower bound.
+    candidate known only through cancellations still gets an estimate: the honest lower bound. (Except
+    those dropped for lying clearly below the whole distribution; see below.)
   - Weight above ``c`` that has decayed to less than 1/20 of one fresh sample (older than ~4.3
     half-lives) is treated as absent. Otherwise a single ancient slow sample would absorb every new
     censored sample and resurrect a latency the estimator had already forgotten.
+  - A censored sample whose ``c`` lies clearly *below* everything the histogram holds (no weight in
+    ``c``'s bucket, the next one up, or below) is dropped. Redistribution would only rescale the whole
+    distribution (every quantile stays as it is), so it carries no information about the shape; all it
+    would add is weight, and that weight would go to old mass. That matters when a provider recovers:
+    a candidate remembered as slow (3 s), now launched only as a hedge and cancelled 50 ms later when
+    the primary answers, would have its stale 3 s belief refreshed by every such cancellation and would
+    never decay to *unknown*, so it would never be tried first and re-measured. Within one bucket of
+    the lowest mass the sample is kept: that is a lower bound being confirmed (a provider always
+    cancelled at 0.5 s keeps its weight just above 0.5 s, so it stays known and stays behind).
   - Redistribution is O(number of occupied buckets above ``c``); cancellations happen at most once per
     losing attempt and ``c`` is usually near the top of the distribution (it is the hedge delay or the
     winner's TTFT), so this is a handful of buckets.
@@ -212,7 +222,8 @@ class DecayingHistogram:
         """Record a sample known only to exceed ``lower_bound`` (redistribute-to-the-right).
 
         The sample's weight goes to the buckets strictly above ``lower_bound``'s bucket in proportion to
-        their current weight, or, when there is (practically) none, into the bucket just above. Cost:
+        their current weight, or, when there is (practically) none, into the bucket just above. It is
+        dropped when ``lower_bound`` lies clearly below all the weight (see the module docstring). Cost:
         O(occupied buckets above ``lower_bound``).
         """
         w = self._scale(now)
@@ -220,6 +231,9 @@ class DecayingHistogram:
         counts = self._counts
         start, stop = k + 1, self._hi_i + 1
         above = sum(counts[start:stop]) if start < stop else 0.0
+        clear = k + 2  # from here up, at least one whole bucket above c's
+        if clear < stop and self._total - sum(counts[clear:stop]) < _CENSOR_MIN_ABOVE * w <= above:
+            return  # c is below the whole distribution: no shape information, only stale weight
         if above >= _CENSOR_MIN_ABOVE * w:
             f = 1.0 + w / above
             counts[start:stop] = [c * f for c in counts[start:stop]]

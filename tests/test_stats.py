@@ -145,7 +145,7 @@ def test_censored_with_real_slow_samples_keeps_real_value() -> None:
             h.observe(2.0, t)  # now and then the slow provider wins (or runs alone): real 2 s
         else:
             h.observe_censored(0.5, t)  # usually it loses and is cancelled at 0.5 s
-        if i >= 5:
+        if i >= 15:  # 4 real samples: the censored ones lie clearly below them and add no weight
             assert h.quantile(0.5, t) >= 2.0 / R
     assert within_bucket(h.quantile(0.5, t), 2.0)
 
