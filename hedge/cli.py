@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -14,9 +15,14 @@ import uvloop
 from .auth import keys_from_env
 from .catalog import Catalog
 from .config import Config, ConfigError, load_config, parse_config
-from .server import bound_port, build_app, start_site
+from .metrics import Metrics
+from .server import bound_port, build_app, drain, start_site
 
 log = logging.getLogger("hedge")
+
+# After the grace period `server.drain` cancels what is left; aiohttp's cleanup then waits at most this
+# long (twice) for the cancelled handlers to write their error events.
+CANCEL_PHASE_S = 1.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,13 +54,19 @@ async def _serve(
         demo = await start_demo_providers()
         config = parse_config(demo_raw_config({p.name: p.base_url for p in demo}))
     config = _override(config, args)
-    proxy = Proxy(Catalog(config), api_keys=keys_from_env(config.server.api_keys_env))
+    # --workers N: every worker's /metrics renders the sum over all workers (hedge/workers.py sets this)
+    mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") if reuse_port else None
+    proxy = Proxy(
+        Catalog(config),
+        api_keys=keys_from_env(config.server.api_keys_env),
+        metrics=Metrics(multiprocess_dir=mp_dir) if mp_dir else None,
+    )
     app = build_app(proxy)
     if args.access_log:
         logging.getLogger("aiohttp.access").setLevel(logging.INFO)
     runner = await start_site(
         app, config.server.host, config.server.port, reuse_port=reuse_port,
-        shutdown_timeout=config.server.shutdown_grace_s, access_log=args.access_log,
+        shutdown_timeout=CANCEL_PHASE_S, access_log=args.access_log,
     )  # fmt: skip
     port = bound_port(runner)
     routes = ", ".join(config.routes)
@@ -77,7 +89,9 @@ async def _serve(
     log.info(
         "shutting down: no new connections; in-flight requests get %.0f s", config.server.shutdown_grace_s
     )
-    await runner.cleanup()  # stops listening, waits for handlers up to shutdown_timeout, then cancels
+    cut = await drain(runner, config.server.shutdown_grace_s)  # stop listening, wait, cancel the rest
+    if cut:
+        log.warning("grace period over: %d request(s) cancelled with an error event", cut)
     for p in demo:
         await p.stop()
     return 0

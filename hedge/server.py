@@ -6,12 +6,15 @@ can leak a traceback or an HTML error page, whatever goes wrong.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from .catalog import Catalog
 from .errors import ApiError
@@ -21,6 +24,8 @@ from .proxy import Proxy
 log = logging.getLogger("hedge.server")
 
 PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
+# the tasks serving /v1/chat/completions right now: what a graceful shutdown waits for, then cancels
+STREAMS_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams", set)
 
 
 @web.middleware
@@ -109,8 +114,10 @@ def build_app(proxy: Proxy) -> web.Application:
         proxy.keys.check(request.headers.get("Authorization"))
         return web.Response(body=models, content_type="application/json")
 
+    health = orjson.dumps({"status": "ok", "pid": os.getpid()})  # the pid tells --workers apart
+
     async def healthz(request: web.Request) -> web.Response:
-        return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+        return web.Response(body=health, content_type="application/json")
 
     async def metrics(request: web.Request) -> web.Response:
         now = time.monotonic()
@@ -124,7 +131,19 @@ def build_app(proxy: Proxy) -> web.Application:
             body=proxy.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
         )
 
-    app.router.add_post("/v1/chat/completions", proxy.chat_completions)
+    streams: set[asyncio.Task[Any]] = set()
+    app[STREAMS_KEY] = streams
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()  # aiohttp runs each request in a task of its own
+        assert task is not None
+        streams.add(task)
+        try:
+            return await proxy.chat_completions(request)
+        finally:
+            streams.discard(task)
+
+    app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -134,6 +153,49 @@ def build_app(proxy: Proxy) -> web.Application:
 
     app.on_cleanup.append(close_upstream)
     return app
+
+
+class _JsonErrorHandler(RequestHandler):
+    """aiohttp's connection handler, answering HTTP-level errors as OpenAI error JSON.
+
+    Errors the HTTP parser finds (a header line over 8 KiB, a broken request line, bad chunked framing)
+    never reach the middleware: aiohttp answers them itself with text/plain and logs a traceback at
+    ERROR. A client's junk is not our error, so: JSON like every other answer, a debug log line only,
+    and no echo of the offending bytes (they may hold a key)."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        else:
+            self.logger.debug("bad HTTP request from %s: %s", request.remote, type(exc).__name__)
+        if request.writer.output_size > 0:
+            raise ConnectionError("Response is sent already, cannot send another response")
+        if status >= 500:
+            err = ApiError(status, "Internal gateway error.", code="internal_error", type="server_error")
+        else:
+            what = type(exc).__name__ if exc is not None else "bad request"
+            err = ApiError(status, f"The HTTP request is malformed ({what}).", code="bad_http_request")
+        resp = err.response()
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer  # same layout; only the handler factory differs
+        return server
 
 
 async def start_site(
@@ -147,10 +209,10 @@ async def start_site(
 ) -> web.AppRunner:
     """Start serving `app`; client disconnects cancel the handler (so abandoned races stop at once).
 
-    `runner.cleanup()` is the graceful shutdown: stop listening, let handlers run up to
-    `shutdown_timeout`, then cancel what is left."""
+    `drain(runner, grace)` is the graceful shutdown (stop listening, let chat requests finish within the
+    grace period, cancel the rest); `shutdown_timeout` then only bounds aiohttp's own cleanup."""
     kwargs: dict[str, Any] = {} if access_log else {"access_log": None}
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, **kwargs)
+    runner = _Runner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, **kwargs)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
     await site.start()
@@ -162,3 +224,27 @@ def bound_port(runner: web.AppRunner) -> int:
         if isinstance(addr, tuple):
             return int(addr[1])
     raise RuntimeError("server is not listening")
+
+
+async def drain(runner: web.AppRunner, grace: float) -> int:
+    """Graceful shutdown: stop accepting, let chat requests finish within `grace` seconds, cancel the
+    rest, then clean up. Returns how many requests had to be cancelled.
+
+    aiohttp's own `cleanup()` also waits for handlers, but its timeout applies twice in a row (wait, then
+    wait again after a soft cancel a streaming handler never sees), so a stream could run for twice the
+    grace period. Here the wait is ours: one deadline, then a real `Task.cancel()`, which the proxy turns
+    into an error event that tells the client its answer is incomplete (DESIGN §1.6)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    for site in list(runner.sites):
+        await site.stop()  # the listening socket closes: new connections are refused from here on
+    if runner.server is not None:
+        runner.server.pre_shutdown()  # idle keep-alive connections close; busy ones after their answer
+    streams = runner.app[STREAMS_KEY]
+    while streams and (left := deadline - loop.time()) > 0:
+        await asyncio.wait(set(streams), timeout=left)
+    cancelled = len(streams)
+    for task in list(streams):
+        task.cancel()
+    await runner.cleanup()
+    return cancelled
