@@ -1,0 +1,204 @@
+"""Command line: ``python -m loadtest {run,overhead,config,scenarios}``.
+
+python -m loadtest run --scenario stalls --duration 20 --rate 100
+python -m loadtest run --scenario degrade --concurrency 16
+python -m loadtest overhead --concurrency 1 --requests 2000
+python -m loadtest scenarios
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from asyncio import CancelledError
+from pathlib import Path
+from typing import Any
+
+from . import scenarios
+from .procs import ChildError
+
+
+def _kv(items: list[str], flag: str) -> dict[str, Any]:
+    """``key=value`` pairs; values parse as int, float, true/false, or stay strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{flag}: expected KEY=VALUE, got {item!r}")
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for conv in (int, float):
+                try:
+                    value = conv(raw)
+                    break
+                except ValueError:
+                    pass
+        out[key] = value
+    return out
+
+
+def _modes(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in modes if m not in allowed]
+    if bad or not modes:
+        raise SystemExit(f"{flag}: choose from {', '.join(allowed)} (got {text!r})")
+    return modes
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest", description="Load tests and the overhead benchmark."
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="drive a latency scenario through every mode side by side")
+    r.add_argument("--scenario", default="stalls", choices=sorted(scenarios.SCENARIOS))
+    r.add_argument("--duration", type=float, default=30.0, help="measured seconds (default 30)")
+    shape = r.add_mutually_exclusive_group()
+    shape.add_argument("--rate", type=float, help="open loop: requests per second per mode (default 100)")
+    shape.add_argument("--concurrency", type=int, help="closed loop: requests in flight per mode")
+    r.add_argument("--modes", default="direct,pinned,fast,oracle", help="comma-separated subset")
+    r.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before (default 2)")
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--timeout", type=float, default=20.0, help="per-request time limit (s)")
+    r.add_argument("--out", type=Path, help="output directory (default loadtest/results/run-...)")
+    r.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    r.add_argument("--quiet", action="store_true", help="no progress line")
+    r.add_argument("--target", help="an already running proxy (http://host:port) instead of starting one")
+    r.add_argument("--provider-ports", help="fixed provider ports (comma-separated), e.g. for --target")
+    r.add_argument("--pinned-model", default="lt/chat")
+    r.add_argument("--fast-model", default="gammainfra/fast")
+    r.add_argument("--route", action="append", default=[], metavar="KEY=VALUE", help="fast-route override")
+    r.add_argument("--feedback", action="append", default=[], metavar="KEY=VALUE", help="[feedback] override")
+    r.add_argument("--max-inflight", type=int, default=5000, help="per-mode cap on requests in flight")
+
+    o = sub.add_parser("overhead", help="CPU and latency cost of the proxy against a bare pass-through")
+    o.add_argument("--concurrency", type=int, default=1, help="latency phase concurrency (default 1)")
+    o.add_argument("--requests", type=int, default=2000, help="latency phase requests per target")
+    o.add_argument("--throughput-concurrency", type=int, default=32)
+    o.add_argument(
+        "--throughput-requests", type=int, default=6000, help="throughput phase requests per target"
+    )
+    o.add_argument("--warmup", type=int, default=300, help="unmeasured requests per target first")
+    o.add_argument("--rounds", type=int, default=8, help="targets alternate in this many rounds per phase")
+    o.add_argument("--repeat", type=int, default=1, help="repeat the whole benchmark, report the spread")
+    o.add_argument("--targets", default="direct,baseline,hedge")
+    o.add_argument("--out", type=Path)
+
+    c = sub.add_parser("config", help="print the proxy TOML a run would use (for --target setups)")
+    c.add_argument("--scenario", default="stalls", choices=sorted(scenarios.SCENARIOS))
+    c.add_argument("--provider-ports", required=True, help="comma-separated, one per provider")
+    c.add_argument("--port", type=int, default=8080)
+
+    sub.add_parser("scenarios", help="list the scenarios")
+    return p
+
+
+def _ports(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--provider-ports: expected comma-separated integers, got {text!r}") from None
+
+
+def _run_async(coro: Any) -> Any:
+    """Run on uvloop.  SIGTERM cancels the run like Ctrl-C does, so its `finally` blocks stop every
+    child process (which also die with us through PR_SET_PDEATHSIG if we are killed outright)."""
+    import asyncio
+
+    import uvloop
+
+    async def guarded() -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await coro
+
+    return uvloop.run(guarded())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.cmd == "scenarios":
+        for s in scenarios.SCENARIOS.values():
+            print(f"{s.name:9} {s.summary}")
+            for name, desc in s.describe(30.0).items():
+                print(f"{'':9}   {name}: {desc}")
+        return 0
+    if args.cmd == "config":
+        from .run import proxy_config
+
+        sc = scenarios.get(args.scenario)
+        ports = _ports(args.provider_ports) or []
+        if len(ports) != len(sc.providers):
+            raise SystemExit(f"--provider-ports: {sc.name} has {len(sc.providers)} providers")
+        urls = {p.name: f"http://127.0.0.1:{port}/v1" for p, port in zip(sc.providers, ports, strict=True)}
+        print(proxy_config(urls, port=args.port), end="")
+        return 0
+    try:
+        if args.cmd == "run":
+            from .run import MODES, RunOptions, run
+
+            opts = RunOptions(
+                scenario=args.scenario,
+                duration=args.duration,
+                rate=None if args.concurrency else (args.rate or 100.0),
+                concurrency=args.concurrency,
+                modes=_modes(args.modes, MODES, "--modes"),
+                warmup=args.warmup,
+                seed=args.seed,
+                timeout=args.timeout,
+                out=args.out,
+                plot=not args.no_plot,
+                target=args.target,
+                provider_ports=_ports(args.provider_ports),
+                pinned_model=args.pinned_model,
+                fast_model=args.fast_model,
+                route=_kv(args.route, "--route"),
+                feedback=_kv(args.feedback, "--feedback"),
+                max_inflight=args.max_inflight,
+                progress=not args.quiet,
+                argv=["python", "-m", "loadtest", *argv],
+            )
+            if not 0 < opts.duration <= 3600:
+                raise SystemExit("--duration must be within (0, 3600] seconds")
+            if opts.rate is not None and not 0 < opts.rate <= 10000:
+                raise SystemExit("--rate must be within (0, 10000]")
+            if opts.concurrency is not None and not 0 < opts.concurrency <= 4096:
+                raise SystemExit("--concurrency must be within [1, 4096]")
+            _run_async(run(opts))
+        elif args.cmd == "overhead":
+            from .bench import TARGETS, BenchOptions, overhead
+
+            bopts = BenchOptions(
+                concurrency=args.concurrency,
+                requests=args.requests,
+                throughput_concurrency=args.throughput_concurrency,
+                throughput_requests=args.throughput_requests,
+                warmup=args.warmup,
+                rounds=max(1, args.rounds),
+                repeat=max(1, args.repeat),
+                targets=_modes(args.targets, TARGETS, "--targets"),
+                out=args.out,
+                argv=["python", "-m", "loadtest", *argv],
+            )
+            if bopts.requests > 1_000_000 or bopts.throughput_requests > 1_000_000:
+                raise SystemExit("request counts are capped at 1,000,000 per phase")
+            _run_async(overhead(bopts))
+    except (KeyboardInterrupt, CancelledError):
+        print("\ninterrupted; child processes stopped", file=sys.stderr)
+        return 130
+    except ChildError as e:
+        print(f"loadtest: a child process failed to start: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
