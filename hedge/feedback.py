@@ -26,17 +26,22 @@ Order, for every strategy, is by tier first, then by the strategy's key, with co
 3. **erroring**: the rest (still tried, last).
 
 Within a tier, `hedge` sorts by expected TTFT (the decayed median, divided by the success rate so a
-candidate that fails often pays for it). A candidate whose samples have decayed away is *unknown* and
-sorts first ("optimism under uncertainty"): that is how a provider that was slow and recovered gets
-measured again, at the cost of one possibly-slow primary per forgetting window; the hedge behind it
-bounds that cost to the hedge delay. Censored samples keep this honest: a candidate known only from
-cancellations has an estimate (the lower bound its cancellations proved) rather than being unknown, and
-that estimate only ever rises with more cancellations. `cheapest` sorts by blended price; `failover` and
+candidate that fails often pays for it), but only for candidates whose evidence is *fresh*: an exact
+first-token sample within the last two half-lives. A candidate without fresh evidence (never measured,
+or measured long ago) is *unknown* and sorts after the known ones, so a stale "fast" estimate cannot pull
+traffic onto a provider that has since slowed down: at 100 req/s, every request would go there before
+its first slow sample came back (the `all-slow` load-test scenario showed exactly that herd).
+Unknown candidates are *explored* instead: at most one request per candidate per half the half-life
+puts it first (the first unknown, healthy one in config order), and the hedge behind it bounds what
+that costs. That is how a provider that was slow and recovered gets measured again; it also wins fresh
+samples whenever it beats the primary's tail as a hedge. Censored samples keep estimates honest: a
+candidate's cancellations only ever raise its estimate. `cheapest` sorts by blended price; `failover` and
 `auto` keep config (or auto's) order, the less erroring first.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from .budget import HedgeBudget
@@ -122,6 +127,8 @@ class Feedback:
         self._stats: dict[str, CandidateStats] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._budgets: dict[str, HedgeBudget] = {}
+        self._last_exact: dict[str, float] = {}  # candidate key -> time of its latest first token
+        self._explored: dict[str, float] = {}  # candidate key -> when a request last explored it
 
     # ----------------------------------------------------------------------------------- state
 
@@ -190,11 +197,28 @@ class Feedback:
             return _ERRORING if rates[c.key] >= UNHEALTHY_ERROR_RATE else _HEALTHY
 
         strategy = plan.strategy
+        explore: Candidate | None = None
         if strategy == "hedge":
+            fresh_s = 2.0 * self.cfg.half_life_s
+            known: dict[str, float | None] = {}
+            for c in available:
+                est = self.stats(c).expected_ttft(now)
+                stale = now - self._last_exact.get(c.key, -math.inf) > fresh_s
+                known[c.key] = None if stale else est
+            explore = next(
+                (
+                    c for c in available
+                    if known[c.key] is None and tier(c) == _HEALTHY
+                    and now - self._explored.get(c.key, -math.inf) >= self.cfg.half_life_s / 2
+                ),
+                None,
+            )  # fmt: skip
 
             def key(c: Candidate) -> tuple[float, ...]:
-                est = self.stats(c).expected_ttft(now)
-                value = 0.0 if est is None else est / max(0.1, 1.0 - rates[c.key])
+                est = known[c.key]
+                value = math.inf if est is None else est / max(0.1, 1.0 - rates[c.key])
+                if c is explore:
+                    value = -1.0  # this request measures it (after a probe, before the known ones)
                 return (tier(c), value, index[c.endpoint])
 
         elif strategy == "cheapest":
@@ -208,6 +232,8 @@ class Feedback:
                 return (tier(c), round(rates[c.key], 1), index[c.endpoint])
 
         available.sort(key=key)
+        if explore is not None:
+            self._explored[explore.key] = now
         if preference:
             available = apply_preference(available, preference)
         out: list[Candidate] = []
@@ -233,6 +259,7 @@ class Feedback:
         s = self.stats(c)
         s.record_first_token(ttft, now)
         s.record_success(now)
+        self._last_exact[c.key] = now
         self.breaker(c).on_success(now)
 
     def on_failure(

@@ -79,6 +79,7 @@ class Sim:
         # what Feedback was told, per provider: (time, value)
         self.exact: dict[str, list[tuple[float, float]]] = {p: [] for p in providers}
         self.censored: dict[str, list[tuple[float, float]]] = {p: [] for p in providers}
+        self.exact_as_hedge: dict[str, list[tuple[float, float]]] = {p: [] for p in providers}
         # breaker state of the candidate at each launch; attempts launched on a breaker that was not
         # closed (probes) in flight per provider, and the most ever at once
         self.launch_states: list[tuple[float, str, BreakerState]] = []
@@ -157,6 +158,8 @@ class Sim:
         if answer.failure is None:
             self.fb.on_first_token(r.cands[i], now - att.launched_at, now)
             self.exact[p].append((now, now - att.launched_at))
+            if i > 0:
+                self.exact_as_hedge[p].append((now, now - att.launched_at))
             self._apply(r, race.on_first_token(i, now))
         else:
             self.fb.on_failure(r.cands[i], answer.failure, now, launched_at=att.launched_at)
@@ -617,13 +620,18 @@ def test_censored_samples_do_not_make_a_slow_provider_look_fast() -> None:
     reqs = sim.run(until=200.0, rate=10.0)
     a, b = sim.cand("a"), sim.cand("b")
     assert sim.censored["b"], "b must have lost races"
-    # the naive estimator: b's exact samples only
+    # the naive estimator: what b's races as a hedge teach when cancellations are ignored (its wins only)
     naive = DecayingHistogram(sim.fb.cfg.half_life_s, min_weight=0.0)
-    for t, v in sim.exact["b"]:
+    for t, v in sim.exact_as_hedge["b"]:
         naive.observe(v, t)
     naive_b = naive.quantile(0.5, sim.now)
     est_a = sim.fb.stats(a).expected_ttft(sim.now)
-    est_b = sim.fb.stats(b).expected_ttft(sim.now)
+    # b now runs mostly as a hedge (and as primary only when explored), so its decayed weight can sit
+    # below min_samples, where expected_ttft says "unknown" and b sorts behind a anyway; read the
+    # median of the same histogram regardless, since the claim here is about what censoring puts in it
+    hist_b = sim.fb.stats(b).ttft
+    hist_b.min_weight = 0.0
+    est_b = hist_b.quantile(0.5, sim.now)
     assert naive_b is not None and est_a is not None and est_b is not None
     late = [r for r in reqs if r.arrival >= 50.0]
     b_primary = sum(primary(r) == "b" for r in late) / len(late)
