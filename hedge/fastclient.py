@@ -12,7 +12,8 @@ cost the proxy controls. What it does, and only that:
   server sends them despite `Accept-Encoding: identity`;
 - read backpressure: reading pauses while more than `HIGH_WATER` bytes wait unread;
 - timeouts: connect (per connection), and an idle timer that fails the response when the socket has
-  been silent for `read_timeout` (one timer per response, re-armed lazily, not per chunk);
+  been silent for `read_timeout` (one timer per response, re-armed lazily, not per chunk); time spent
+  paused by our own backpressure is not silence;
 - `abort()` closes the socket at once, so the provider sees the disconnect and stops generating.
 """
 
@@ -59,6 +60,7 @@ class _Conn(asyncio.Protocol):
         "_loop",
         "_need",
         "_paused",
+        "_probe",
         "_queued",
         "_state",
         "_waiter",
@@ -93,6 +95,7 @@ class _Conn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._head_waiter: asyncio.Future[None] | None = None
         self._decoder: zlib._Decompress | None = None
+        self._probe = False  # "deflate": zlib-wrapped or raw? decided by the first body byte
         self._paused = False
         self.status = 0
         self.headers = Headers()
@@ -108,8 +111,10 @@ class _Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.discard(self)
-        if self._state == _UNTIL_CLOSE:
+        if self._state == _UNTIL_CLOSE and exc is None:  # FIN ends the body; an RST (exc) cuts it
             self._state = _DONE
+            if self._decoder is not None:
+                self._decode(len(self._chunks))
             self._wake()
         elif self._state != _DONE:
             self._fail(UpstreamError("reset", "upstream closed the connection mid-response"))
@@ -122,12 +127,16 @@ class _Conn(asyncio.Protocol):
         self.last_activity = self._loop.time()
         try:
             self._feed(data)
-        except UpstreamError as e:
-            self._fail(e)
+        except (UpstreamError, ValueError, zlib.error) as e:
+            # set directly, not via _fail: the framing may have reached _DONE in this very feed (a
+            # broken gzip body of the right length), and such a body must not pass as complete
+            if self._error is None:
+                self._error = (
+                    e if isinstance(e, UpstreamError)
+                    else UpstreamError("reset", "upstream sent a malformed HTTP response")
+                )  # fmt: skip
             self.abort()
-        except (ValueError, zlib.error):
-            self._fail(UpstreamError("reset", "upstream sent a malformed HTTP response"))
-            self.abort()
+            self._wake()
 
     # --------------------------------------------------------------------------------- parser
 
@@ -138,6 +147,7 @@ class _Conn(asyncio.Protocol):
         pos = 0
         n = len(data)
         out = self._chunks
+        mark = len(out)  # body bytes from here on are this feed's (earlier ones are decoded already)
         while pos < n:
             st = self._state
             if st == _CHUNK_DATA:
@@ -151,13 +161,17 @@ class _Conn(asyncio.Protocol):
             elif st == _CHUNK_SIZE:
                 end = data.find(b"\r\n", pos)
                 if end < 0:
+                    if n - pos > MAX_HEAD:
+                        raise UpstreamError("reset", "upstream chunk-size line too long")
                     self._buf = data[pos:]
                     break
                 size = int(data[pos:end].split(b";", 1)[0], 16)
                 pos = end + 2
-                if size:
+                if size > 0:
                     self._need = size
                     self._state = _CHUNK_DATA
+                elif size:
+                    raise ValueError("negative chunk size")
                 else:
                     self._state = _TRAILERS
             elif st == _CHUNK_CRLF:
@@ -190,6 +204,8 @@ class _Conn(asyncio.Protocol):
             elif st == _TRAILERS:  # trailer lines after the last chunk, up to an empty line
                 end = data.find(b"\r\n", pos)
                 if end < 0:
+                    if n - pos > MAX_HEAD:
+                        raise UpstreamError("reset", "upstream trailer line too long")
                     self._buf = data[pos:]
                     break
                 empty = end == pos
@@ -199,17 +215,30 @@ class _Conn(asyncio.Protocol):
             else:  # _DONE: bytes after the response: the connection is not reusable
                 self.keep_alive = False
                 break
-        if self._decoder is not None and out:
-            raw = b"".join(out)
-            out.clear()
-            dec = self._decoder.decompress(raw)
-            self._queued += len(dec) - len(raw)
-            if dec:
-                out.append(dec)
+        if self._decoder is not None:
+            self._decode(mark)
         if self._queued > HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self._wake()
+
+    def _decode(self, mark: int) -> None:
+        """Decompress the body bytes queued from `mark` on (the ones the current feed added), and the
+        decoder's tail once the body is complete."""
+        out = self._chunks
+        raw = b"".join(out[mark:]) if len(out) - mark != 1 else out[mark]
+        del out[mark:]
+        if self._probe and raw:
+            self._probe = False
+            if raw[0] & 0x0F != 8:  # not a zlib header (CM=8): raw deflate, as some servers send
+                self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+        dec = self._decoder.decompress(raw) if raw else b""  # type: ignore[union-attr]
+        if self._state == _DONE:
+            dec += self._decoder.flush()  # type: ignore[union-attr]
+            self._decoder = None  # nothing more to decode on this response
+        self._queued += len(dec) - len(raw)
+        if dec:
+            out.append(dec)
 
     def _parse_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
@@ -223,7 +252,7 @@ class _Conn(asyncio.Protocol):
             if sep:
                 h[k.strip().lower().decode("latin-1")] = v.strip().decode("latin-1")
         if 100 <= status < 200:  # interim response: the real head follows
-            self.headers = Headers()
+            h.clear()  # the same object: a FastResponse may already hold it
             return
         self.status = status
         conn = h.get("connection", "").lower()
@@ -233,10 +262,13 @@ class _Conn(asyncio.Protocol):
             self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif enc == "deflate":
             self._decoder = zlib.decompressobj()
+            self._probe = True
         if "chunked" in h.get("transfer-encoding", "").lower():
             self._state = _CHUNK_SIZE
         elif "content-length" in h:
             self._need = int(h["content-length"])
+            if self._need < 0:
+                raise ValueError("negative Content-Length")
             self._state = _LENGTH if self._need else _DONE
             if not self._need:
                 self._finish()
@@ -250,12 +282,7 @@ class _Conn(asyncio.Protocol):
             hw.set_result(None)
 
     def _finish(self) -> None:
-        self._state = _DONE
-        if self._decoder is not None:
-            tail = self._decoder.flush()
-            if tail:
-                self._chunks.append(tail)
-                self._queued += len(tail)
+        self._state = _DONE  # a decoder's tail is flushed by _decode, after this feed's bytes
         self._wake()
 
     def _wake(self) -> None:
@@ -273,6 +300,7 @@ class _Conn(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closed = True
+        self.pool.discard(self)  # now, not in connection_lost (a later callback): the counts stay exact
         if self.transport is not None:
             self.transport.abort()
 
@@ -295,12 +323,13 @@ class _Conn(asyncio.Protocol):
                 self._queued = 0
                 if self._paused and self.transport is not None:
                     self._paused = False
+                    self.last_activity = self._loop.time()  # the idle clock restarts on resume
                     self.transport.resume_reading()
                 return data
-            if self._state == _DONE:
-                return b""
             if self._error is not None:
                 raise self._error
+            if self._state == _DONE:
+                return b""
             self._waiter = self._loop.create_future()
             await self._waiter
             self._waiter = None
@@ -329,6 +358,10 @@ class FastResponse:
         c = self._conn
         if self._done or c._state == _DONE:
             return
+        if c._paused:  # our own backpressure, not upstream silence: look again a window later
+            c.last_activity = c._loop.time()
+            self._arm()
+            return
         if c._loop.time() - c.last_activity >= self._timeout - 1e-3:
             c._fail(UpstreamError("timeout", "upstream went silent for longer than the idle timeout"))
             c.abort()
@@ -336,7 +369,12 @@ class FastResponse:
             self._arm()
 
     async def read_chunk(self) -> bytes:
-        return await self._conn.read()
+        try:
+            return await self._conn.read()
+        except asyncio.CancelledError:
+            # a half-read response cannot be reused, and a provider left streaming keeps billing
+            self.abort()
+            raise
 
     async def read_all(self, limit: int) -> bytes:
         parts: list[bytes] = []
@@ -367,7 +405,7 @@ class FastResponse:
             c.pool.discard(c)
 
     def abort(self) -> None:
-        if self._done and self._conn.closed:
+        if self._done:  # after release() the connection may be pooled, even serving another request
             return
         self._end()
         self._conn.abort()
@@ -416,7 +454,11 @@ class FastUpstream:
         now = time.monotonic()
         while idle:
             c = idle.pop()
-            if not c.closed and now - c.idle_since < self._keepalive_s:
+            # bytes on an idle connection (say an unsolicited "408") or a FIN being processed: unusable
+            if (
+                not c.closed and not c.got_bytes and now - c.idle_since < self._keepalive_s
+                and c.transport is not None and not c.transport.is_closing()
+            ):  # fmt: skip
                 return c
             c.abort()
         return None
@@ -489,10 +531,10 @@ class FastUpstream:
                     raise
                 resp.status = conn.status
                 return resp
-            except UpstreamError:
+            except UpstreamError as e:
                 self.discard(conn)
                 conn.abort()
-                if reused and not conn.got_bytes:
+                if reused and not conn.got_bytes and e.reason == "reset":
                     continue  # a stale keep-alive connection: retry once on a new one
                 raise
             except BaseException:
@@ -508,8 +550,8 @@ class FastUpstream:
         return len(self._busy)
 
     async def close(self) -> None:
-        for idle in self._idle.values():
-            for c in idle:
+        for idle in list(self._idle.values()):
+            for c in list(idle):  # abort() takes c out of this very list
                 c.abort()
         self._idle.clear()
         for c in list(self._busy):
