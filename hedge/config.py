@@ -98,6 +98,7 @@ class FeedbackConfig:
     """How fast statistics forget and how eagerly breakers open."""
 
     half_life_s: float = 10.0
+    order_half_life_samples: float = 2.0
     min_samples: float = 3.0
     failure_threshold: int = 5
     base_backoff_s: float = 1.0
@@ -282,10 +283,20 @@ def parse_config(raw: dict[str, Any]) -> Config:
 
     f = _table(raw.get("feedback", {}), "feedback")
     _unknown(
-        f, {"half_life_s", "min_samples", "failure_threshold", "base_backoff_s", "max_backoff_s"}, "feedback"
+        f,
+        {
+            "half_life_s",
+            "order_half_life_samples",
+            "min_samples",
+            "failure_threshold",
+            "base_backoff_s",
+            "max_backoff_s",
+        },
+        "feedback",
     )
     feedback = FeedbackConfig(
         half_life_s=_num(f, "half_life_s", "feedback", 10.0, lo=0.1),
+        order_half_life_samples=_num(f, "order_half_life_samples", "feedback", 2.0, lo=1.0),
         min_samples=_num(f, "min_samples", "feedback", 3.0, lo=0.5),
         failure_threshold=_int(f, "failure_threshold", "feedback", 5, lo=1),
         base_backoff_s=_num(f, "base_backoff_s", "feedback", 1.0, lo=0.01),

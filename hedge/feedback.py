@@ -25,8 +25,12 @@ Order, for every strategy, is by tier first, then by the strategy's key, with co
    at the same pace as old latencies.
 3. **erroring**: the rest (still tried, last).
 
-Within a tier, `hedge` sorts by expected TTFT (the decayed median, divided by the success rate so a
-candidate that fails often pays for it), but only for candidates whose evidence is *fresh*: an exact
+Within a tier, `hedge` sorts by current TTFT: the larger of the median over its last few samples
+(forgetting per sample, half-life `order_half_life_samples` = 2) and over the long window
+(`half_life_s`), so a primary that slows down loses its place within its next few answers and keeps that
+verdict until new answers say otherwise, while a speed-up has to convince the long window too
+(`CandidateStats.current_ttft`); divided by the success rate so a candidate that fails often pays
+for it. That holds only for candidates whose evidence is *fresh*: an exact
 first-token sample within the last two half-lives. A candidate without fresh evidence (never measured,
 or measured long ago) is *unknown* and sorts after the known ones, so a stale "fast" estimate cannot pull
 traffic onto a provider that has since slowed down: at 100 req/s, every request would go there before
@@ -128,6 +132,8 @@ class Feedback:
         self._breakers: dict[str, CircuitBreaker] = {}
         self._budgets: dict[str, HedgeBudget] = {}
         self._last_exact: dict[str, float] = {}  # candidate key -> time of its latest first token
+        self._inflight: dict[str, int] = {}  # candidate key -> attempts launched and not yet ended
+        self._waiting_since: dict[str, float] = {}  # candidate key -> no news from it since (while in flight)
         self._explored: dict[str, float] = {}  # candidate key -> when a request last explored it
 
     # ----------------------------------------------------------------------------------- state
@@ -136,7 +142,9 @@ class Feedback:
         s = self._stats.get(c.key)
         if s is None:
             s = self._stats[c.key] = CandidateStats(
-                half_life_s=self.cfg.half_life_s, min_weight=self.cfg.min_samples
+                half_life_s=self.cfg.half_life_s,
+                min_weight=self.cfg.min_samples,
+                recent_half_life_samples=self.cfg.order_half_life_samples,
             )
         return s
 
@@ -202,13 +210,14 @@ class Feedback:
             fresh_s = 2.0 * self.cfg.half_life_s
             known: dict[str, float | None] = {}
             for c in available:
-                est = self.stats(c).expected_ttft(now)
+                est = self.stats(c).current_ttft(now)
                 stale = now - self._last_exact.get(c.key, -math.inf) > fresh_s
                 known[c.key] = None if stale else est
+            silent = {c.key for c in available if self.silent(c, now, plan.route)}
             explore = next(
                 (
                     c for c in available
-                    if known[c.key] is None and tier(c) == _HEALTHY
+                    if known[c.key] is None and tier(c) == _HEALTHY and c.key not in silent
                     and now - self._explored.get(c.key, -math.inf) >= self.cfg.half_life_s / 2
                 ),
                 None,
@@ -216,7 +225,7 @@ class Feedback:
 
             def key(c: Candidate) -> tuple[float, ...]:
                 est = known[c.key]
-                value = math.inf if est is None else est / max(0.1, 1.0 - rates[c.key])
+                value = math.inf if est is None or c.key in silent else est / max(0.1, 1.0 - rates[c.key])
                 if c is explore:
                     value = -1.0  # this request measures it (after a probe, before the known ones)
                 return (tier(c), value, index[c.endpoint])
@@ -252,7 +261,41 @@ class Feedback:
             return None
         return AdaptiveDelay(self, plan.route, candidates, now, eagerness)
 
+    def silent(self, c: Candidate, now: float, route: RouteConfig) -> bool:
+        """No news from `c` for longer than its own 90th-percentile TTFT while attempts wait on it.
+
+        The earliest sign that a provider slowed down: its unanswered attempts age before any slow
+        answer can come back. A silent candidate cannot lead (it sorts with the unknown, after the
+        known ones), so a slowdown moves traffic within one p90 instead of after the slow answers,
+        and a provider promoted on old evidence takes only what arrives in that window before it is
+        silent in turn. O(1): one timestamp per candidate, set by launches and cleared by news.
+        """
+        since = self._waiting_since.get(c.key)
+        if since is None:
+            return False
+        limit = self.stats(c).ttft_quantile(0.9, now)
+        return now - since > (route.default_delay_ms / 1000 if limit is None else limit)
+
     # ---------------------------------------------------------------------------------- events
+
+    def on_launch(self, c: Candidate, now: float) -> None:
+        """An attempt on `c` started: if nothing else was waiting on `c`, the wait starts now."""
+        k = c.key
+        n = self._inflight.get(k, 0)
+        self._inflight[k] = n + 1
+        if n == 0:
+            self._waiting_since[k] = now
+
+    def _ended(self, c: Candidate, now: float, news: bool) -> None:
+        k = c.key
+        n = self._inflight.get(k, 0) - 1
+        if n <= 0:
+            self._inflight[k] = 0
+            self._waiting_since.pop(k, None)
+        else:
+            self._inflight[k] = n
+            if news:  # an answer (or a failure) arrived: the others have waited only since now
+                self._waiting_since[k] = now
 
     def on_first_token(self, c: Candidate, ttft: float, now: float) -> None:
         """An attempt produced its first token `ttft` s after launch: an exact sample and a success."""
@@ -260,6 +303,7 @@ class Feedback:
         s.record_first_token(ttft, now)
         s.record_success(now)
         self._last_exact[c.key] = now
+        self._ended(c, now, news=True)
         self.breaker(c).on_success(now)
 
     def on_failure(
@@ -269,6 +313,7 @@ class Feedback:
 
         `launched_at` lets the breaker tell its half-open probe from a straggler launched before it.
         """
+        self._ended(c, now, news=True)
         if failure.kind is FailureKind.CALLER:
             return  # the request was bad, the provider was fine
         self.stats(c).record_failure(now)
@@ -289,6 +334,7 @@ class Feedback:
         left or another attempt's 4xx ended the race); only a half-open probe's breaker cares, and
         `launched_at` tells it whether this attempt can be its probe.
         """
+        self._ended(c, now, news=False)
         self.stats(c).record_censored(elapsed, now)
         self.breaker(c).on_cancelled(now, lost=lost, launched_at=launched_at)
 

@@ -253,6 +253,7 @@ class Proxy:
                                 400, "The request body nests JSON deeper than 255 levels.",
                                 code="invalid_json",
                             ) from None  # fmt: skip
+                        self.feedback.on_launch(c, self.clock())
                         t = asyncio.ensure_future(self._attempt(c, payload, req.stream))
                         tasks[act.attempt] = t
                         by_task[t] = act.attempt

@@ -311,6 +311,12 @@ class CandidateStats:
 
     * ``ttft``: time to first content token of attempts that got one (exact samples) and of attempts
       cancelled before one (censored samples, see the module docstring).
+    * ``recent``: the exact samples only, forgetting per *sample* instead of per second (half-life
+      ``recent_half_life_samples``: its clock is the count of exact samples), for deciding the *order*
+      (see :meth:`current_ttft`): a primary that suddenly slows down must lose its place within its
+      next few answers, and keep that verdict until new answers say otherwise, however long that takes.
+      Censored samples stay out of it: a demoted candidate's lost hedges (cancelled soon after launch)
+      would otherwise wash its slow verdict out; censoring is honoured by the long window instead.
     * ``total``: total duration of completed attempts.
     * a decayed error rate of attempts before their first token.
 
@@ -320,11 +326,18 @@ class CandidateStats:
     failures; they are reported with ``record_censored`` only.
     """
 
-    __slots__ = ("_err_t", "_fail", "_inv_tau", "_last", "_succ", "half_life_s", "total", "ttft")
+    __slots__ = (
+        "_err_t", "_fail", "_inv_tau", "_last", "_n", "_succ", "half_life_s", "recent", "total", "ttft",
+    )  # fmt: skip
 
-    def __init__(self, half_life_s: float = 10.0, min_weight: float = 3.0) -> None:
+    def __init__(
+        self, half_life_s: float = 10.0, min_weight: float = 3.0, recent_half_life_samples: float = 2.0
+    ) -> None:
         self.half_life_s = float(half_life_s)
         self.ttft = DecayingHistogram(half_life_s, min_weight=min_weight)
+        # two answers are enough to demote: the verdict is the median of the last few, not one outlier
+        self.recent = DecayingHistogram(recent_half_life_samples, min_weight=min(2.0, min_weight))
+        self._n = 0  # samples recorded: the clock of `recent`
         self.total = DecayingHistogram(half_life_s, min_weight=min_weight)
         self._inv_tau = _LN2 / half_life_s
         self._succ = 0.0  # decayed counts as of _err_t
@@ -335,6 +348,8 @@ class CandidateStats:
     def record_first_token(self, ttft: float, now: float) -> None:
         """An attempt produced its first content token ``ttft`` seconds after launch."""
         self.ttft.observe(ttft, now)
+        self._n += 1
+        self.recent.observe(ttft, self._n)
         self._last = now
 
     def record_censored(self, elapsed: float, now: float) -> None:
@@ -387,6 +402,20 @@ class CandidateStats:
     def expected_ttft(self, now: float) -> float | None:
         """Median TTFT, or ``None`` (unknown) while there are too few samples."""
         return self.ttft.quantile(0.5, now)
+
+    def current_ttft(self, now: float) -> float | None:
+        """The larger of the recent-samples and the long-window median TTFT (what the order is decided by).
+
+        Quick to demote, slow to promote (the idea of Finagle's peak EWMA): a slowdown shows in the last
+        few answers at once, while a speed-up must convince the long window too. The recent window alone
+        would fall into the winners-only trap (a hedge target completes only its fast answers); the long
+        window, where cancelled attempts count as censored samples, is honest about that.
+        """
+        long = self.ttft.quantile(0.5, now)
+        short = self.recent.quantile(0.5, self._n)
+        if short is None or long is None:
+            return long
+        return short if short > long else long
 
     def ttft_quantile(self, q: float, now: float) -> float | None:
         """The q-quantile of TTFT (e.g. the hedge delay), or ``None`` while there are too few samples."""

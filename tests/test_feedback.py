@@ -180,6 +180,7 @@ class Sim:
                     self.probes_inflight[p] += 1
                     self.max_probes_inflight[p] = max(self.max_probes_inflight[p], self.probes_inflight[p])
                 r.launches.append((p, act.reason, now))
+                self.fb.on_launch(c, now)
                 ans = self.script(p, now)
                 self._push(now + ans.after, "answer", r, act.attempt, ans)
             elif isinstance(act, Cancel):
