@@ -118,7 +118,26 @@ class Proxy:
     # ------------------------------------------------------------------------------- handler
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions. Every request is counted in hedge_requests_total, those refused
+        before a route is known (auth, body, unknown model) under route "-", so that a model name
+        made up by a caller never becomes a label."""
         t_in = self.clock()
+        route = ["-"]  # the label, set once the model resolves
+        code = "200"
+        try:
+            resp = await self._chat(request, t_in, route)
+            code = str(resp.status)
+            return resp
+        except ApiError as e:
+            code = str(e.status)
+            raise
+        except asyncio.CancelledError:
+            code = "499"
+            raise
+        finally:
+            self.metrics.requests.labels(route[0], code).inc()
+
+    async def _chat(self, request: web.Request, t_in: float, route: list[str]) -> web.StreamResponse:
         key_id = self.keys.check(request.headers.get("Authorization"))
         if self.inflight >= self.config.server.max_concurrency:
             raise ApiError(
@@ -139,6 +158,7 @@ class Proxy:
             self.inflight -= 1  # taken again below, with no await in between
         req = parse_chat_request(raw)
         plan = self.catalog.resolve(req.model)
+        route[0] = plan.name
         dial = parse_cost_quality(request.headers.get("X-GammaInfra-Cost-Quality"))
         pref = parse_preference(request.headers.get("X-GammaInfra-Preference"), self._known_prefs)
         task = classify(req) if plan.strategy == "auto" else None
@@ -148,23 +168,12 @@ class Proxy:
         self.metrics.inflight_requests.inc()
         if key_id is not None:
             self.metrics.key_requests.labels(key_id).inc()
-        code = "200"
         try:
-            # inside the try: a 503 "every provider is cooling down" counts in hedge_requests_total
             ordered = self.feedback.order(plan, self.clock(), pref, cands)
-            resp = await self._serve(request, req, plan, ordered, dial, t_in, key_id, task)
-            code = str(resp.status)
-            return resp
-        except ApiError as e:
-            code = str(e.status)
-            raise
-        except asyncio.CancelledError:
-            code = "499"
-            raise
+            return await self._serve(request, req, plan, ordered, dial, t_in, key_id, task)
         finally:
             self.inflight -= 1
             self.metrics.inflight_requests.dec()
-            self.metrics.requests.labels(plan.name, code).inc()
 
     def _fit(
         self, plan: Plan, req: ChatRequest, dial: float | None, task: str | None

@@ -288,3 +288,29 @@ def test_demo_catalog_has_the_seed_figures() -> None:
     cat = Catalog(cfg)
     for route in ("gammainfra/fast", "gammainfra/cheap", "gammainfra/auto"):
         assert len(cat.resolve(route).candidates) >= 2
+
+
+async def test_requests_refused_before_routing_are_counted(http: aiohttp.ClientSession) -> None:
+    async with sims(("a", Behaviour())) as ps:
+        from .conftest import raw_config
+
+        async with run_proxy(raw_config({"a": ps["a"].base_url}), api_keys=("sk-gammainfra-k",)) as px:
+            auth = {"Authorization": "Bearer sk-gammainfra-k"}
+            cases = [
+                ({}, chat(), 401),  # no key
+                (auth, {"model": "made/up", "messages": [{"role": "user", "content": "x"}]}, 404),
+                (auth, {"model": "m/a"}, 400),  # no messages
+                ({**auth, "X-GammaInfra-Cost-Quality": "2"}, chat("m/a"), 400),  # routed, then refused
+                (auth, chat("m/a", stream=False), 200),
+            ]
+            for headers, body, status in cases:
+                async with http.post(px.url + URL, json=body, headers=headers) as r:
+                    assert r.status == status
+            async with http.get(px.url + "/metrics") as r:
+                text = await r.text()
+    assert 'hedge_requests_total{code="401",route="-"} 1.0' in text
+    assert 'hedge_requests_total{code="404",route="-"} 1.0' in text
+    assert 'hedge_requests_total{code="400",route="-"} 1.0' in text
+    assert 'hedge_requests_total{code="400",route="m/a"} 1.0' in text
+    assert 'hedge_requests_total{code="200",route="m/a"} 1.0' in text
+    assert "made/up" not in text  # a caller's made-up model name never becomes a label
