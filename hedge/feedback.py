@@ -124,13 +124,20 @@ class AdaptiveDelay:
 
 
 class Feedback:
-    """Per-candidate statistics and breakers, per-route budgets, and the decisions made from them."""
+    """Per-candidate statistics and breakers, per-route budgets, and the decisions made from them.
 
-    def __init__(self, cfg: FeedbackConfig) -> None:
+    The proxy keeps two of these *lanes*, one for streaming and one for non-streaming requests,
+    because their "first token" means different things (the first content event vs the whole body):
+    mixed in one histogram, long bodies would inflate the streams' hedge delay and distort the order.
+    Health is one thing per provider, so the non-streaming lane shares the streaming lane's breakers
+    and budgets (`health_from`).
+    """
+
+    def __init__(self, cfg: FeedbackConfig, *, health_from: Feedback | None = None) -> None:
         self.cfg = cfg
         self._stats: dict[str, CandidateStats] = {}
-        self._breakers: dict[str, CircuitBreaker] = {}
-        self._budgets: dict[str, HedgeBudget] = {}
+        self._breakers: dict[str, CircuitBreaker] = {} if health_from is None else health_from._breakers
+        self._budgets: dict[str, HedgeBudget] = {} if health_from is None else health_from._budgets
         self._last_exact: dict[str, float] = {}  # candidate key -> time of its latest first token
         self._inflight: dict[str, int] = {}  # candidate key -> attempts launched and not yet ended
         self._waiting_since: dict[str, float] = {}  # candidate key -> no news from it since (while in flight)

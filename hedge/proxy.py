@@ -95,7 +95,8 @@ class Proxy:
 
         self.catalog = catalog
         self.config = catalog.config
-        self.feedback = feedback or Feedback(self.config.feedback)
+        self.feedback = feedback or Feedback(self.config.feedback)  # streaming lane
+        self.feedback_json = Feedback(self.config.feedback, health_from=self.feedback)  # non-streaming
         self.metrics = metrics or Metrics()
         if upstream is None:
             upstream = FastUpstream() if self.config.server.upstream_client == "fast" else Upstream()
@@ -114,6 +115,10 @@ class Proxy:
                 h["Authorization"] = f"Bearer {key}"
             self._headers[name] = h
         self.tasks: set[asyncio.Task] = set()  # live attempt tasks, for leak tests
+
+    def lane(self, stream: bool) -> Feedback:
+        """The feedback lane for this kind of request (see `Feedback`)."""
+        return self.feedback if stream else self.feedback_json
 
     # ------------------------------------------------------------------------------- handler
 
@@ -169,7 +174,7 @@ class Proxy:
         if key_id is not None:
             self.metrics.key_requests.labels(key_id).inc()
         try:
-            ordered = self.feedback.order(plan, self.clock(), pref, cands)
+            ordered = self.lane(req.stream).order(plan, self.clock(), pref, cands)
             return await self._serve(request, req, plan, ordered, dial, t_in, key_id, task)
         finally:
             self.inflight -= 1
@@ -223,10 +228,11 @@ class Proxy:
     ) -> web.StreamResponse:
         now = self.clock()
         eagerness = DEFAULT_EAGERNESS if dial is None else dial
-        delays = self.feedback.delay_policy(plan, cands, now, eagerness)
+        fb = self.lane(req.stream)
+        delays = fb.delay_policy(plan, cands, now, eagerness)
         budget = None
         if delays is not None:
-            budget = self.feedback.budget(plan.route)
+            budget = fb.budget(plan.route)
             budget.on_request()
             d0 = delays.base_delay(0)  # the route's delay at the default dial
             if d0 is not None:
@@ -262,7 +268,7 @@ class Proxy:
                                 400, "The request body nests JSON deeper than 255 levels.",
                                 code="invalid_json",
                             ) from None  # fmt: skip
-                        self.feedback.on_launch(c, self.clock())
+                        fb.on_launch(c, self.clock())
                         t = asyncio.ensure_future(self._attempt(c, payload, req.stream))
                         tasks[act.attempt] = t
                         by_task[t] = act.attempt
@@ -305,13 +311,13 @@ class Proxy:
                     c = cands[i]
                     att = race.attempts[i]
                     if r.failure is None:
-                        self.feedback.on_first_token(c, r.first_at - att.launched_at, now)
+                        fb.on_first_token(c, r.first_at - att.launched_at, now)
                         self.metrics.upstream_ttft.labels(c.provider.name, c.upstream_model).observe(
                             r.first_at - att.launched_at
                         )
                         actions += race.on_first_token(i, now)
                     else:
-                        self.feedback.on_failure(c, r.failure, now, launched_at=att.launched_at)
+                        fb.on_failure(c, r.failure, now, launched_at=att.launched_at)
                         self._count(c, "rejected" if r.failure.kind is FailureKind.CALLER else "failed")
                         actions += race.on_failure(i, r.failure, now)
                 actions += race.on_timer(now)
@@ -370,7 +376,7 @@ class Proxy:
         now = self.clock()
         att = race.attempts[i]
         if r is None:
-            self.feedback.on_cancelled(
+            self.lane(req.stream).on_cancelled(
                 c, now - att.launched_at, now, lost=reason == "lost", launched_at=att.launched_at
             )
         self._count(c, "abandoned" if reason == "abandoned" else "cancelled")
@@ -491,7 +497,7 @@ class Proxy:
         cost = self._account(c, r.parsed.get("usage"), key_id)
         headers["X-GammaInfra-Cost-USD"] = cost_header(cost) if cost is not None else "unknown"
         now = self.clock()
-        self.feedback.on_complete(c, now - launched, now)
+        self.feedback_json.on_complete(c, now - launched, now)
         self.metrics.upstream_duration.labels(c.provider.name, c.upstream_model).observe(now - launched)
         return web.Response(body=r.chunks[0], status=200, content_type="application/json", headers=headers)
 

@@ -717,3 +717,34 @@ def test_cancellations_far_below_a_stale_belief_do_not_keep_it_alive() -> None:
         g.observe_censored(0.5, k * 0.1)
     assert g.weight(9.9) == pytest.approx(sum(2 ** (-(9.9 - k * 0.1) / 10) for k in range(100)))
     assert g.quantile(0.0, 9.9) >= 0.5
+
+
+# ------------------------------------------------------------------------------ the two lanes
+
+
+def test_lanes_keep_stream_and_json_statistics_apart_but_share_health() -> None:
+    """Non-streaming 'first tokens' are whole bodies: they must not inflate the streams' hedge delay,
+    while a provider's failures are one thing for both kinds of request."""
+    cat = Catalog(parse_config(raw_config({"a": "http://a.invalid/v1", "b": "http://b.invalid/v1"})))
+    plan = cat.resolve(ROUTE)
+    a, b = plan.candidates
+    stream = Feedback(cat.config.feedback)
+    js = Feedback(cat.config.feedback, health_from=stream)
+    for k in range(20):
+        stream.on_launch(a, k * 0.1)
+        stream.on_first_token(a, 0.05, k * 0.1 + 0.05)  # streams: first content after 50 ms
+        js.on_launch(a, k * 0.1)
+        js.on_first_token(a, 4.0, k * 0.1 + 4.0)  # bodies: complete after 4 s
+    now = 6.0
+    d_stream = stream.delay_policy(plan, plan.candidates, now, 0.5)
+    d_json = js.delay_policy(plan, plan.candidates, now, 0.5)
+    assert d_stream is not None and d_json is not None
+    assert within_bucket(d_stream.delay(0), 0.05)
+    assert within_bucket(d_json.delay(0), 3.0)  # clamped at max_delay_ms
+    # one breaker per provider: failures seen by the non-streaming lane cool it down for streams too
+    fail = Failure(FailureKind.RETRYABLE, "http_503", 503)
+    for _ in range(cat.config.feedback.failure_threshold):
+        js.on_launch(b, now)
+        js.on_failure(b, fail, now)
+    assert [c.provider.name for c in stream.order(plan, now)] == ["a"]
+    assert stream.budget(plan.route) is js.budget(plan.route)
