@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from .upstream import UpstreamError
+from .upstream import UpstreamError, read_body
 
 HIGH_WATER = 1 << 20
 MAX_HEAD = 64 * 1024
@@ -377,14 +377,7 @@ class FastResponse:
             raise
 
     async def read_all(self, limit: int) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        while chunk := await self.read_chunk():
-            size += len(chunk)
-            if size > limit:
-                raise UpstreamError("too_large", f"upstream body exceeds {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
+        return await read_body(self, limit)
 
     def _end(self) -> None:
         self._done = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Mapping
+from typing import Protocol
 
 import aiohttp
 
@@ -22,6 +23,22 @@ class UpstreamError(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(detail or reason)
         self.reason = reason  # connect | timeout | reset
+
+
+class ChunkReader(Protocol):
+    async def read_chunk(self) -> bytes: ...
+
+
+async def read_body(resp: ChunkReader, limit: int) -> bytes:
+    """Read a response to its end, refusing more than `limit` bytes: both clients' `read_all`."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await resp.read_chunk():
+        size += len(chunk)
+        if size > limit:
+            raise UpstreamError("too_large", f"upstream body exceeds {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 class UpstreamResponse:
@@ -45,14 +62,7 @@ class UpstreamResponse:
 
     async def read_all(self, limit: int) -> bytes:
         """The whole body, refusing more than `limit` bytes (a bounded buffer for non-streaming)."""
-        parts: list[bytes] = []
-        size = 0
-        while chunk := await self.read_chunk():
-            size += len(chunk)
-            if size > limit:
-                raise UpstreamError("too_large", f"upstream body exceeds {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
+        return await read_body(self, limit)
 
     def release(self) -> None:
         """Body fully read: give the connection back to the pool."""
