@@ -13,7 +13,9 @@ Names (all prefixed `hedge_`):
 - client_ttft_seconds {route}: what the caller saw (request in -> first byte of the answer out)
 - requests_total {route, code}; inflight_requests; inflight_attempts {provider}
 - tokens_total {model, provider, kind}; cost_usd_total {model, provider}
-- wasted_tokens_total {model, provider}; wasted_cost_usd_total {model, provider}: cancelled attempts
+- wasted_tokens_total, wasted_cost_usd_total {model, provider, reason}: cancelled attempts; reason =
+  lost (a hedge race loser: the price of hedging) | abandoned (the client left) | rejected (another
+  attempt's 4xx ended the race)
 - circuit_state {provider, model}: 0 closed, 1 half-open, 2 open
 - key_requests_total {key_id}; key_cost_usd_total {key_id}: per gateway key (a short hash, never the key)
 """
@@ -81,12 +83,12 @@ class Metrics:
             "hedge_cost_usd", "Cost of served responses (USD)", ("model", "provider"), registry=r
         )
         self.wasted_tokens = Counter(
-            "hedge_wasted_tokens", "Estimated tokens billed by cancelled attempts", ("model", "provider"),
-            registry=r,
+            "hedge_wasted_tokens", "Estimated tokens billed by cancelled attempts",
+            ("model", "provider", "reason"), registry=r,
         )  # fmt: skip
         self.wasted_cost = Counter(
-            "hedge_wasted_cost_usd", "Estimated cost of cancelled attempts (USD)", ("model", "provider"),
-            registry=r,
+            "hedge_wasted_cost_usd", "Estimated cost of cancelled attempts (USD)",
+            ("model", "provider", "reason"), registry=r,
         )  # fmt: skip
         self.circuit_state = Gauge(
             "hedge_circuit_state", "Breaker state: 0 closed, 1 half-open, 2 open", pm, registry=r,

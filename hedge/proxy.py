@@ -383,8 +383,8 @@ class Proxy:
         # A cancelled attempt is billed for its prompt (providers bill input once generation starts);
         # completion tokens before the first token are unknown and counted as zero.
         wasted = req.prompt_tokens_estimate
-        self.metrics.wasted_tokens.labels(c.model.name, c.provider.name).inc(wasted)
-        self.metrics.wasted_cost.labels(c.model.name, c.provider.name).inc(c.cost_usd(wasted, 0))
+        self.metrics.wasted_tokens.labels(c.model.name, c.provider.name, reason).inc(wasted)
+        self.metrics.wasted_cost.labels(c.model.name, c.provider.name, reason).inc(c.cost_usd(wasted, 0))
 
     def _reject(self, r: AttemptResult) -> web.Response:
         """Return the provider's answer to a bad request as OpenAI error JSON (scrubbed of secrets)."""

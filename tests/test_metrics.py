@@ -172,12 +172,17 @@ async def test_metrics_agree_with_a_scripted_run(http: aiohttp.ClientSession) ->
         assert m("hedge_cost_usd_total", model=model, provider=provider) == pytest.approx(
             served * (10 * 1.0 + 5 * 2.0) / 1e6, rel=1e-12
         )
-    # waste: every cancelled or abandoned attempt is billed its prompt estimate
-    for model, provider, wasted in (("m/a", "a", 3), ("m/b", "b", 1)):
-        assert m("hedge_wasted_tokens_total", model=model, provider=provider) == PROMPT_ESTIMATE * wasted
-        assert m("hedge_wasted_cost_usd_total", model=model, provider=provider) == pytest.approx(
+    # waste: every cancelled or abandoned attempt is billed its prompt estimate, by why it was cut:
+    # a lost one hedge race (request 4), and a and b were abandoned by the client (requests 8, 9)
+    for model, provider, reason, wasted in (
+        ("m/a", "a", "lost", 1), ("m/a", "a", "abandoned", 2), ("m/b", "b", "abandoned", 1),
+    ):  # fmt: skip
+        labels = {"model": model, "provider": provider, "reason": reason}
+        assert m("hedge_wasted_tokens_total", **labels) == PROMPT_ESTIMATE * wasted
+        assert m("hedge_wasted_cost_usd_total", **labels) == pytest.approx(
             PROMPT_ESTIMATE * wasted * 1.0 / 1e6, rel=1e-12
         )
+    assert {lab["reason"] for lab, _ in m.series("hedge_wasted_tokens_total")} == {"lost", "abandoned"}
     # gauges back at rest; breakers closed (one 503 is below the threshold; a caller 400 is no failure)
     assert m("hedge_inflight_requests") == 0
     assert all(v == 0 for _, v in m.series("hedge_inflight_attempts"))

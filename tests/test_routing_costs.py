@@ -183,7 +183,7 @@ async def test_wasted_cost_on_cancelled_hedges(http: aiohttp.ClientSession) -> N
             async with http.get(px.url + "/metrics") as r:
                 text = await r.text()
     # the cancelled attempt on a is billed for its prompt: 400 chars / 4 + 4 per message = 104 tokens
-    assert 'hedge_wasted_tokens_total{model="m/a",provider="a"} 104.0' in text
+    assert 'hedge_wasted_tokens_total{model="m/a",provider="a",reason="lost"} 104.0' in text
     line = next(x for x in text.splitlines() if x.startswith('hedge_wasted_cost_usd_total{model="m/a"'))
     assert float(line.split()[-1]) == pytest.approx(104 * 1.0 / 1e6)
 
