@@ -35,6 +35,10 @@ first-token sample within the last two half-lives. A candidate without fresh evi
 or measured long ago) is *unknown* and sorts after the known ones, so a stale "fast" estimate cannot pull
 traffic onto a provider that has since slowed down: at 100 req/s, every request would go there before
 its first slow sample came back (the `all-slow` load-test scenario showed exactly that herd).
+Among the known, *current* ones lead first: those whose latest first token is at most
+max(1 s, 4 x their TTFT) old. When every provider slows at once, the leader's slow answers keep it
+current, while a challenger known only from before the slowdown waits until a hedge shows how it
+performs now (in the `all-slow` scenario this took fast's p99 from 524 ms, 12 % over pinned, to parity).
 Unknown candidates are *explored* instead: at most one request per candidate per half the half-life
 puts it first (the first unknown, healthy one in config order), and the hedge behind it bounds what
 that costs. That is how a provider that was slow and recovered gets measured again; it also wins fresh
@@ -61,6 +65,12 @@ UNHEALTHY_ERROR_RATE = 0.5
 """A candidate failing at least this often (recently, before its first token) sorts after the healthy."""
 
 _PROBE, _HEALTHY, _ERRORING = 0, 1, 2
+
+CURRENT_MIN_S = 1.0
+CURRENT_TTFTS = 4.0
+"""A candidate is *current* while its latest first token is at most max(CURRENT_MIN_S, CURRENT_TTFTS x its
+TTFT) old. Current candidates lead before those whose evidence is older, so a slowdown of the leader
+promotes a challenger only on evidence from after the slowdown (see the module docstring)."""
 
 
 def blended_price(c: Candidate) -> float:
@@ -230,12 +240,19 @@ class Feedback:
                 None,
             )  # fmt: skip
 
+            def current(c: Candidate) -> bool:
+                est = known[c.key]
+                age = now - self._last_exact.get(c.key, -math.inf)
+                return est is not None and age <= max(CURRENT_MIN_S, CURRENT_TTFTS * est)
+
             def key(c: Candidate) -> tuple[float, ...]:
                 est = known[c.key]
-                value = math.inf if est is None or c.key in silent else est / max(0.1, 1.0 - rates[c.key])
-                if c is explore:
-                    value = -1.0  # this request measures it (after a probe, before the known ones)
-                return (tier(c), value, index[c.endpoint])
+                if c is explore:  # this request measures it (after a probe, before the known ones)
+                    return (tier(c), 0, -1.0, index[c.endpoint])
+                if est is None or c.key in silent:
+                    return (tier(c), 1, math.inf, index[c.endpoint])
+                group = 0 if current(c) else 1
+                return (tier(c), group, est / max(0.1, 1.0 - rates[c.key]), index[c.endpoint])
 
         elif strategy == "cheapest":
 
