@@ -66,6 +66,9 @@ UNHEALTHY_ERROR_RATE = 0.5
 
 _PROBE, _HEALTHY, _ERRORING = 0, 1, 2
 
+RECOVERY_FACTOR = 3.0
+"""The hedge delay never exceeds this multiple of the median of the candidate's last few answers."""
+
 CURRENT_MIN_S = 1.0
 CURRENT_TTFTS = 4.0
 """A candidate is *current* while its latest first token is at most max(CURRENT_MIN_S, CURRENT_TTFTS x its
@@ -92,6 +95,10 @@ def dial_multiplier(eagerness: float) -> float:
 class AdaptiveDelay:
     """Hedge delay = q-quantile of the running candidate's recent TTFT, clamped, times the dial factor.
 
+    Capped at `RECOVERY_FACTOR` x the median of its last few answers: after a slowdown ends, the long
+    window's tail keeps the old slow answers for about four half-lives, and meanwhile every stall
+    of the recovered provider would wait out the old, long delay.
+
     The quantile comes from the candidate's `CandidateStats` (exact and censored samples, forgetting
     with the configured half-life), `default_delay_ms` while it rests on fewer than `min_samples`.
     Statistics are read as of the request's start: one request sees one consistent picture.
@@ -117,8 +124,16 @@ class AdaptiveDelay:
         self._now = now
 
     def _estimate(self, candidate: int) -> float:
-        est = self._fb.stats(self._cands[candidate]).ttft_quantile(self._q, self._now)
-        return self._default if est is None else est
+        s = self._fb.stats(self._cands[candidate])
+        est = s.ttft_quantile(self._q, self._now)
+        if est is None:
+            return self._default
+        recent = s.recent.quantile(0.5, s.samples)
+        if recent is not None and recent * RECOVERY_FACTOR < est:
+            # the last answers are far faster than the long window's tail says: the candidate has
+            # recovered and the old slow data has not decayed yet (that takes ~4 half-lives for a p95)
+            return recent * RECOVERY_FACTOR
+        return est
 
     def delay(self, candidate: int) -> float | None:
         """Seconds to wait for `candidate`'s first token before launching the next one."""

@@ -403,6 +403,11 @@ class CandidateStats:
         """Median TTFT, or ``None`` (unknown) while there are too few samples."""
         return self.ttft.quantile(0.5, now)
 
+    @property
+    def samples(self) -> int:
+        """Exact samples recorded so far: the clock of `recent`."""
+        return self._n
+
     def current_ttft(self, now: float) -> float | None:
         """The larger of the recent-samples and the long-window median TTFT (what the order is decided by).
 
