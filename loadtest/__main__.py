@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup", type=int, default=300, help="unmeasured requests per target first")
     o.add_argument("--rounds", type=int, default=8, help="targets alternate in this many rounds per phase")
     o.add_argument("--repeat", type=int, default=1, help="repeat the whole benchmark, report the spread")
-    o.add_argument("--targets", default="direct,baseline,hedge")
+    o.add_argument("--targets", default="direct,baseline,hedge,fast")
     o.add_argument("--out", type=Path)
 
     c = sub.add_parser("config", help="print the proxy TOML a run would use (for --target setups)")

@@ -41,10 +41,11 @@ from .procs import (
     status_kb,
     wait_http,
 )
-from .run import PINNED_MODEL, RESULTS_DIR, UPSTREAM_MODEL, child_env, proxy_config
+from .run import FAST_MODEL, PINNED_MODEL, RESULTS_DIR, UPSTREAM_MODEL, child_env, proxy_config
 
-TARGETS = ("direct", "baseline", "hedge")
-PROXIES = ("baseline", "hedge")
+TARGETS = ("direct", "baseline", "hedge", "fast")
+PROXIES = ("baseline", "hedge", "fast")  # fast: hedge on gammainfra/fast (one provider: no hedges fire)
+MODELS = {"hedge": PINNED_MODEL, "fast": FAST_MODEL}
 CPU_RATIO_TARGET = 1.5
 ADDED_P50_TARGET_MS = 1.0
 ADDED_P99_TARGET_MS = 5.0
@@ -316,24 +317,24 @@ async def overhead(opts: BenchOptions) -> dict[str, Any]:
             await wait_http(f"http://127.0.0.1:{port}/healthz", bp, within=20.0, log=log)
             targets["baseline"] = Target(f"http://127.0.0.1:{port}")
             pids["baseline"] = bp.pid
-        if "hedge" in opts.targets:
+        for t in ("hedge", "fast"):  # two hedge processes: a pinned model, and the fast lane's race
+            if t not in opts.targets:
+                continue
             port = free_port()
-            cfg = out / "hedge.toml"
+            cfg = out / f"{t}.toml"
             cfg.write_text(proxy_config({"up": up_url}, port=port))
-            log = out / "hedge.log"
+            log = out / f"{t}.log"
             hp = children.spawn(
-                "hedge", ["-m", "hedge", "serve", "--config", str(cfg), "--port", str(port)],
+                t, ["-m", "hedge", "serve", "--config", str(cfg), "--port", str(port)],
                 log_path=log, env=env,
             )  # fmt: skip
             await wait_http(f"http://127.0.0.1:{port}/healthz", hp, within=20.0, log=log)
-            targets["hedge"] = Target(f"http://127.0.0.1:{port}")
-            pids["hedge"] = hp.pid
+            targets[t] = Target(f"http://127.0.0.1:{port}")
+            pids[t] = hp.pid
         names = tuple(t for t in TARGETS if t in opts.targets and t in targets)
         msg = [{"role": "user", "content": "Say something short."}]
         bodies = {
-            t: orjson.dumps(
-                {"model": PINNED_MODEL if t == "hedge" else UPSTREAM_MODEL, "stream": True, "messages": msg}
-            )
+            t: orjson.dumps({"model": MODELS.get(t, UPSTREAM_MODEL), "stream": True, "messages": msg})
             for t in names
         }
         bench = _Bench(client, {t: targets[t] for t in names}, bodies, pids, ready["pid"])
