@@ -375,7 +375,7 @@ def test_smoke_overhead(tmp_path: Path) -> None:
     doc = orjson.loads((out / "overhead.json").read_bytes())
     assert "PASS" in proc.stdout or "FAIL" in proc.stdout
     (p,) = doc["passes"]
-    assert set(p["latency"]) == {"direct", "baseline", "hedge"} == set(p["throughput"])
+    assert set(p["latency"]) == {"direct", "baseline", "hedge", "fast"} == set(p["throughput"])
     for phase, n in (("latency", 120), ("throughput", 200)):
         for t, s in p[phase].items():
             assert s["requests"] == n and s["ok"] == n and not s["errors"], (phase, t, s)
