@@ -362,23 +362,27 @@ class Proxy:
         req: ChatRequest,
     ) -> None:
         """Stop attempt i now: cancel its task (which closes its connection) and learn from it."""
+        c = cands[i]
+        now = self.clock()
+        att = race.attempts[i]
+        fb = self.lane(req.stream)
         t = tasks.pop(i, None)
         if t is not None:
             if t.done() and not t.cancelled() and i not in results:
                 # finished while we were being cancelled (the client left as asyncio.wait woke us):
-                # its result may hold an open response that nobody else will ever close
-                results[i] = t.result()
+                # its result may hold an open response that nobody else will ever close, and the
+                # feedback must hear how it ended, or it would wait for news of it forever
+                r0 = results[i] = t.result()
+                if r0.failure is None:
+                    fb.on_first_token(c, r0.first_at - att.launched_at, now)
+                else:
+                    fb.on_failure(c, r0.failure, now, launched_at=att.launched_at)
             t.cancel()
         r = results.get(i)
         if r is not None and r.resp is not None:  # finished with a token in the same instant as the winner
             r.resp.abort()
-        c = cands[i]
-        now = self.clock()
-        att = race.attempts[i]
         if r is None:
-            self.lane(req.stream).on_cancelled(
-                c, now - att.launched_at, now, lost=reason == "lost", launched_at=att.launched_at
-            )
+            fb.on_cancelled(c, now - att.launched_at, now, lost=reason == "lost", launched_at=att.launched_at)
         self._count(c, "abandoned" if reason == "abandoned" else "cancelled")
         # A cancelled attempt is billed for its prompt (providers bill input once generation starts);
         # completion tokens before the first token are unknown and counted as zero.
