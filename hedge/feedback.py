@@ -39,9 +39,12 @@ Among the known, *current* ones lead first: those whose latest first token is at
 max(1 s, 4 x their TTFT) old. When every provider slows at once, the leader's slow answers keep it
 current, while a challenger known only from before the slowdown waits until a hedge shows how it
 performs now (in the `all-slow` scenario this took fast's p99 from 524 ms, 12 % over pinned, to parity).
-Unknown candidates are *explored* instead: at most one request per candidate per half the half-life
-puts it first (the first unknown, healthy one in config order), and the hedge behind it bounds what
-that costs. That is how a provider that was slow and recovered gets measured again; it also wins fresh
+Unknown candidates are *explored* instead: at most one request per candidate per quarter half-life
+(and none that carries X-GammaInfra-Preference) races it,
+placed second and launched together with the best known candidate (delay 0, paid from the
+hedge budget), so the caller gets the faster of the two and exploration never costs latency; at cold
+start, with nothing known, the explored candidate simply leads.
+That is how a provider that was slow and recovered gets measured again; it also wins fresh
 samples whenever it beats the primary's tail as a hedge. Censored samples keep estimates honest: a
 candidate's cancellations only ever raise its estimate. `cheapest` sorts by blended price; `failover` and
 `auto` keep config (or auto's) order, the less erroring first.
@@ -50,7 +53,7 @@ candidate's cancellations only ever raise its estimate. `cheapest` sorts by blen
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .budget import HedgeBudget
 from .catalog import Candidate, Plan
@@ -65,6 +68,9 @@ UNHEALTHY_ERROR_RATE = 0.5
 """A candidate failing at least this often (recently, before its first token) sorts after the healthy."""
 
 _PROBE, _HEALTHY, _ERRORING = 0, 1, 2
+
+EXPLORE_EVERY = 0.25
+"""An unknown candidate is explored (raced beside the leader) at most once per this many half-lives."""
 
 RECOVERY_FACTOR = 3.0
 """The hedge delay never exceeds this multiple of the median of the candidate's last few answers."""
@@ -104,7 +110,7 @@ class AdaptiveDelay:
     Statistics are read as of the request's start: one request sees one consistent picture.
     """
 
-    __slots__ = ("_cands", "_default", "_fb", "_hi", "_lo", "_mult", "_now", "_q")
+    __slots__ = ("_cands", "_default", "_fb", "_hi", "_lo", "_mult", "_now", "_q", "_zero_first")
 
     def __init__(
         self,
@@ -113,8 +119,11 @@ class AdaptiveDelay:
         candidates: Sequence[Candidate],
         now: float,
         eagerness: float = DEFAULT_EAGERNESS,
+        *,
+        zero_first: bool = False,
     ) -> None:
         self._fb = fb
+        self._zero_first = zero_first
         self._cands = candidates
         self._q = route.quantile
         self._lo = route.min_delay_ms / 1000
@@ -137,6 +146,8 @@ class AdaptiveDelay:
 
     def delay(self, candidate: int) -> float | None:
         """Seconds to wait for `candidate`'s first token before launching the next one."""
+        if candidate == 0 and self._zero_first:
+            return 0.0  # the second candidate is being explored: race it from the start
         return min(self._hi, max(self._lo, self._estimate(candidate) * self._mult))
 
     def base_delay(self, candidate: int) -> float:
@@ -146,6 +157,12 @@ class AdaptiveDelay:
         has learned, not which caller came last.
         """
         return min(self._hi, max(self._lo, self._estimate(candidate)))
+
+
+class Ordered(list[Candidate]):
+    """`Feedback.order`'s answer: the candidates, and whether the second one is there to be explored."""
+
+    explore_second: bool = False
 
 
 class Feedback:
@@ -246,14 +263,6 @@ class Feedback:
                 stale = now - self._last_exact.get(c.key, -math.inf) > fresh_s
                 known[c.key] = None if stale else est
             silent = {c.key for c in available if self.silent(c, now, plan.route)}
-            explore = next(
-                (
-                    c for c in available
-                    if known[c.key] is None and tier(c) == _HEALTHY and c.key not in silent
-                    and now - self._explored.get(c.key, -math.inf) >= self.cfg.half_life_s / 2
-                ),
-                None,
-            )  # fmt: skip
 
             def current(c: Candidate) -> bool:
                 est = known[c.key]
@@ -262,8 +271,6 @@ class Feedback:
 
             def key(c: Candidate) -> tuple[float, ...]:
                 est = known[c.key]
-                if c is explore:  # this request measures it (after a probe, before the known ones)
-                    return (tier(c), 0, -1.0, index[c.endpoint])
                 if est is None or c.key in silent:
                     return (tier(c), 1, math.inf, index[c.endpoint])
                 group = 0 if current(c) else 1
@@ -280,25 +287,67 @@ class Feedback:
                 return (tier(c), round(rates[c.key], 1), index[c.endpoint])
 
         available.sort(key=key)
+        if strategy == "hedge" and not preference:  # the caller's own order gets no extra attempts
+            explore = self._pick_explore(available, known, silent, tier, now)
         if explore is not None:
             self._explored[explore.key] = now
+            # explore by racing, not by leading: right behind the leader, launched with it (delay 0,
+            # see AdaptiveDelay), so the caller gets the faster of the two and never waits on a
+            # guess; at cold start, with nothing known, the explored candidate simply leads
+            rest = [c for c in available if c is not explore]
+            first = rest[0] if rest else None
+            keep_first = first is not None and (
+                tier(first) == _PROBE or (known[first.key] is not None and first.key not in silent)
+            )  # a probe, or a known leader, keeps its place; the explored one races beside it
+            available = [rest[0], explore, *rest[1:]] if keep_first else [explore, *rest]
         if preference:
             available = apply_preference(available, preference)
-        out: list[Candidate] = []
+        out = Ordered()
         for c in available:
             # a half-open candidate goes only as attempt 1, the one launch that is certain
             if c.key in probing and (out or not self.breaker(c).acquire(now)):
                 continue
             out.append(c)
+        out.explore_second = explore is not None and len(out) > 1 and out[1] is explore
         return out
+
+    def _pick_explore(
+        self,
+        ordered: list[Candidate],
+        known: dict[str, float | None],
+        silent: set[str],
+        tier: Callable[[Candidate], int],
+        now: float,
+    ) -> Candidate | None:
+        """The candidate this request should measure, if any (at most one per EXPLORE_EVERY half-lives
+        each): one with no fresh evidence, or one whose last few answers beat the leader's estimate
+        while its long window still remembers it slower (a provider that recovered: racing it is how
+        its long window learns, where it would otherwise wait for old data to decay)."""
+        lead = ordered[0] if ordered and known[ordered[0].key] is not None else None
+        lead_est = known[lead.key] if lead is not None else None
+        for c in ordered:
+            if c is lead or tier(c) != _HEALTHY or c.key in silent:
+                continue
+            if now - self._explored.get(c.key, -math.inf) < self.cfg.half_life_s * EXPLORE_EVERY:
+                continue
+            if known[c.key] is None:
+                return c
+            recent = self.stats(c).recent_ttft()
+            if lead_est is not None and recent is not None and recent < lead_est:
+                return c
+        return None
 
     def delay_policy(
         self, plan: Plan, candidates: Sequence[Candidate], now: float, eagerness: float
     ) -> AdaptiveDelay | None:
-        """The hedge delays for one request; None (no delay-triggered hedges) unless hedging and x > 0."""
+        """The hedge delays for one request; None (no delay-triggered hedges) unless hedging and x > 0.
+
+        When `order` put a candidate to explore second, the second attempt launches at once (delay 0;
+        it still spends a hedge-budget token, so exploration is bounded by the budget too)."""
         if plan.strategy != "hedge" or eagerness <= 0.0:
             return None
-        return AdaptiveDelay(self, plan.route, candidates, now, eagerness)
+        zero_first = bool(getattr(candidates, "explore_second", False))
+        return AdaptiveDelay(self, plan.route, candidates, now, eagerness, zero_first=zero_first)
 
     def silent(self, c: Candidate, now: float, route: RouteConfig) -> bool:
         """No news from `c` for longer than its own 90th-percentile TTFT while attempts wait on it.

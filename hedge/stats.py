@@ -408,6 +408,10 @@ class CandidateStats:
         """Exact samples recorded so far: the clock of `recent`."""
         return self._n
 
+    def recent_ttft(self) -> float | None:
+        """Median of the last few exact answers (the recent window alone), None while too few."""
+        return self.recent.quantile(0.5, self._n)
+
     def current_ttft(self, now: float) -> float | None:
         """The larger of the recent-samples and the long-window median TTFT (what the order is decided by).
 

@@ -372,8 +372,17 @@ def test_config_order_breaks_ties_and_unknown_sorts_first() -> None:
     for k in range(5):
         fb.on_first_token(sim.cand("a"), 0.3, float(k))
         fb.on_first_token(sim.cand("b"), 0.1, float(k))
-    # c has no samples: unknown sorts first (it gets measured); then by expected TTFT
-    assert [c.provider.name for c in fb.order(plan, 5.0)] == ["c", "b", "a"]
+    # c has no samples: it is explored, raced right behind the best known one (launched with it, so
+    # the caller never waits on a guess); then by expected TTFT
+    explored = fb.order(plan, 4.5)
+    assert [c.provider.name for c in explored] == ["b", "c", "a"]
+    assert explored.explore_second
+    d = fb.delay_policy(plan, explored, 4.5, 0.5)
+    assert d is not None and d.delay(0) == 0.0  # the second attempt starts at once
+    # the next request (within the exploration interval): c, still unknown, sorts after the known ones
+    again = fb.order(plan, 4.501)
+    assert [c.provider.name for c in again] == ["b", "a", "c"]
+    assert not again.explore_second
 
 
 def test_erroring_provider_sorts_after_the_healthy_ones() -> None:
