@@ -255,15 +255,15 @@ class _Conn(asyncio.Protocol):
             h.clear()  # the same object: a FastResponse may already hold it
             return
         self.status = status
-        conn = h.get("connection", "").lower()
+        conn = (h.get("connection") or "").lower()
         self.keep_alive = parts[0] == b"HTTP/1.1" and "close" not in conn
-        enc = h.get("content-encoding", "").lower()
+        enc = (h.get("content-encoding") or "").lower()
         if enc in ("gzip", "x-gzip"):
             self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif enc == "deflate":
             self._decoder = zlib.decompressobj()
             self._probe = True
-        if "chunked" in h.get("transfer-encoding", "").lower():
+        if "chunked" in (h.get("transfer-encoding") or "").lower():
             self._state = _CHUNK_SIZE
         elif "content-length" in h:
             self._need = int(h["content-length"])

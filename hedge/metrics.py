@@ -104,7 +104,7 @@ class Metrics:
         ):  # fmt: skip
             # `labels()` validates and locks on every call (~2.5 us); label sets here are few and never
             # removed, so memoising the children makes each hot-path observation a dict hit.
-            m.labels = functools.lru_cache(maxsize=4096)(m.labels)  # type: ignore[method-assign]
+            m.labels = functools.lru_cache(maxsize=4096)(m.labels)  # type: ignore[method-assign,assignment]
 
     def render(self) -> bytes:
         if self._multiprocess_dir:

@@ -32,7 +32,7 @@ from .race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Re
 from .request import ChatRequest, parse_chat_request, parse_cost_quality, parse_preference
 from .secrets import Scrubber
 from .sse import TOKEN, FirstTokenDetector, StreamError
-from .upstream import Upstream, UpstreamError, UpstreamResponse
+from .upstream import Response, Upstream, UpstreamError
 
 log = logging.getLogger("hedge.proxy")
 
@@ -48,7 +48,7 @@ class AttemptResult:
     """What an attempt task returns: a first token (resp + bytes so far) or a failure."""
 
     failure: Failure | None = None
-    resp: UpstreamResponse | None = None
+    resp: Response | None = None
     chunks: list[bytes] | None = None
     parsed: dict[str, Any] | None = None  # non-streaming body
     error_body: bytes = b""
@@ -325,6 +325,7 @@ class Proxy:
             if winner is None:
                 # client gone (or an error): nothing may outlive the request
                 for act in race.on_client_gone(self.clock()):
+                    assert isinstance(act, Cancel)  # the only action a client leaving produces
                     for i in act.attempts:
                         self._cancel(i, tasks, results, race, cands, "abandoned", req)
                 for t in tasks.values():
@@ -426,7 +427,7 @@ class Proxy:
         """Open one upstream call and read it until its first token (or its full body). Never raises
         except CancelledError; always closes its connection unless it hands it over as the winner."""
         t = c.provider.timeouts
-        resp: UpstreamResponse | None = None
+        resp: Response | None = None
         handed_over = False
         gauge = self.metrics.inflight_attempts.labels(c.provider.name)
         gauge.inc()

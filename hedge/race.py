@@ -208,7 +208,8 @@ class Race:
             self._end(a, AttemptState.REJECTED, now)
             self.done = True
             others = self._end_running(AttemptState.CANCELLED, now)
-            return ([Cancel(others, "rejected")] if others else []) + [Reject(attempt)]
+            out: list[Action] = [Cancel(others, "rejected")] if others else []
+            return [*out, Reject(attempt)]
         self._end(a, AttemptState.FAILED, now)
         if self._can_launch():
             return [self._launch(now, "error")]

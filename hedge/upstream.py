@@ -29,6 +29,17 @@ class ChunkReader(Protocol):
     async def read_chunk(self) -> bytes: ...
 
 
+class Response(ChunkReader, Protocol):
+    """What both upstream clients hand back from `open` (the interface of DESIGN §7)."""
+
+    status: int
+    headers: Mapping[str, str]
+
+    async def read_all(self, limit: int) -> bytes: ...
+    def release(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 async def read_body(resp: ChunkReader, limit: int) -> bytes:
     """Read a response to its end, refusing more than `limit` bytes: both clients' `read_all`."""
     parts: list[bytes] = []
