@@ -105,6 +105,7 @@ class Proxy:
         self.clock = clock
         self.scrub = Scrubber.from_providers(self.config.providers.values())
         self.inflight = 0
+        self.shutting_down = False  # set by server.drain just before it cancels what is still running
         self._known_prefs = {p for p in self.config.providers} | set(self.config.models)
         self._known_prefs |= {c.endpoint for c in catalog.all_candidates()}
         self._headers: dict[str, dict[str, str]] = {}
@@ -321,6 +322,15 @@ class Proxy:
                         self._count(c, "rejected" if r.failure.kind is FailureKind.CALLER else "failed")
                         actions += race.on_failure(i, r.failure, now)
                 actions += race.on_timer(now)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if not self.shutting_down or me is None:
+                raise  # the client left: nobody to answer
+            me.uncancel()  # the gateway is stopping and nothing was committed: say so, retryably
+            raise ApiError(
+                503, "The gateway is shutting down; retry the request.", code="shutting_down",
+                headers={"Retry-After": "1"},
+            ) from None  # fmt: skip
         finally:
             if winner is None:
                 # client gone (or an error): nothing may outlive the request

@@ -244,7 +244,10 @@ async def drain(runner: web.AppRunner, grace: float) -> int:
     while streams and (left := deadline - loop.time()) > 0:
         await asyncio.wait(set(streams), timeout=left)
     cancelled = len(streams)
-    for task in list(streams):
-        task.cancel()
+    if streams:
+        runner.app[PROXY_KEY].shutting_down = True  # a cancelled race answers 503, a stream an error event
+        for task in list(streams):
+            task.cancel()
+        await asyncio.wait(set(streams), timeout=1.0)  # let them write those last words
     await runner.cleanup()
     return cancelled

@@ -241,3 +241,30 @@ async def _eventually_async(pred: Any, timeout: float = 3.0) -> bool:
             return True
         await asyncio.sleep(0.02)
     return pred()
+
+
+async def test_sigterm_answers_requests_still_racing_with_a_503(
+    http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # no first token within the 1 s grace: nothing was committed, so the caller gets a clear,
+    # retryable answer (503 + Retry-After) instead of a connection cut without a response
+    async with sims(("slow", Behaviour(ttft=20.0))) as ps:
+        cfg = raw_config({"slow": ps["slow"].base_url}, server={"shutdown_grace_s": 1.0})
+        with serve(cfg, tmp_path) as gw:
+            await gw.wait_listening()
+            pending = [
+                asyncio.ensure_future(
+                    http.post(gw.url + "/v1/chat/completions", json=chat("m/slow", stream=s))
+                )
+                for s in (True, False)
+            ]
+            assert await _eventually_async(lambda: len(ps["slow"].records) == 2)
+            gw.signal(signal.SIGTERM)
+            for fut in pending:
+                r = await asyncio.wait_for(fut, 15)
+                assert r.status == 503, await r.text()
+                assert r.headers["Retry-After"] == "1"
+                err = (await r.json())["error"]
+                assert err["code"] == "shutting_down" and set(err) == {"message", "type", "param", "code"}
+            assert await gw.wait_exit(timeout=15) == 0
+        assert await _eventually_async(lambda: all(r.ended for r in ps["slow"].records))
