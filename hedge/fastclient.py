@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from .upstream import UpstreamError, read_body
 
 HIGH_WATER = 1 << 20
+_HEX = b"0123456789abcdefABCDEF"
 MAX_HEAD = 64 * 1024
 
 # parser states
@@ -165,13 +166,14 @@ class _Conn(asyncio.Protocol):
                         raise UpstreamError("reset", "upstream chunk-size line too long")
                     self._buf = data[pos:]
                     break
-                size = int(data[pos:end].split(b";", 1)[0], 16)
+                digits = data[pos:end].split(b";", 1)[0].strip()
+                if not digits or digits.strip(_HEX):  # int(x, 16) also takes 0x5, +5 and 0_5
+                    raise ValueError("malformed chunk size")
+                size = int(digits, 16)
                 pos = end + 2
-                if size > 0:
+                if size:
                     self._need = size
                     self._state = _CHUNK_DATA
-                elif size:
-                    raise ValueError("negative chunk size")
                 else:
                     self._state = _TRAILERS
             elif st == _CHUNK_CRLF:
@@ -250,7 +252,9 @@ class _Conn(asyncio.Protocol):
         for line in lines[1:]:
             k, sep, v = line.partition(b":")
             if sep:
-                h[k.strip().lower().decode("latin-1")] = v.strip().decode("latin-1")
+                name, value = k.strip().lower().decode("latin-1"), v.strip().decode("latin-1")
+                old = dict.get(h, name)
+                h[name] = value if old is None else f"{old}, {value}"  # repeated: folded (RFC 9110 5.3)
         if 100 <= status < 200:  # interim response: the real head follows
             h.clear()  # the same object: a FastResponse may already hold it
             return

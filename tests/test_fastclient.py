@@ -366,6 +366,15 @@ async def test_content_length_body_and_headers(client: FastUpstream) -> None:
         assert srv.peers[0].bodies == [REQ_BODY]
 
 
+async def test_repeated_headers_are_joined(client: FastUpstream) -> None:
+    raw = length_response(BODY, "Via: 1.1 a", "Via: 1.1 b", "X-One: 1", status="200 OK")
+    async with RawServer(serve_each(raw)) as srv:
+        resp, body = await fetch(client, srv.url)
+        assert body == BODY
+        assert resp.headers["via"] == "1.1 a, 1.1 b"  # as HTTP folds them (RFC 9110 5.3)
+        assert resp.headers["x-one"] == "1"
+
+
 async def test_chunked_with_extensions_and_trailers_is_reusable(client: FastUpstream) -> None:
     raw = chunked_response(PARTS, ext=True, trailers=True)
     async with RawServer(serve_each(raw)) as srv:
@@ -999,6 +1008,10 @@ MALFORMED = {
     "negative-content-length": b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello",
     "bad-chunk-size": CHUNKED_HEAD + b"zz\r\nhello\r\n0\r\n\r\n",
     "negative-chunk-size": CHUNKED_HEAD + b"-5\r\nhello\r\n0\r\n\r\n",
+    # Python's int(x, 16) takes these; HTTP's chunk-size is plain hex digits only (RFC 9112 7.1)
+    "0x-prefixed-chunk-size": CHUNKED_HEAD + b"0x5\r\nhello\r\n0\r\n\r\n",
+    "plus-signed-chunk-size": CHUNKED_HEAD + b"+5\r\nhello\r\n0\r\n\r\n",
+    "underscored-chunk-size": CHUNKED_HEAD + b"0_5\r\nhello\r\n0\r\n\r\n",
     # the 2 bytes after chunk data are skipped unchecked (a per-chunk cost); the desync shows at the next
     # size line, here an empty one
     "chunk-longer-than-declared": CHUNKED_HEAD + b"5\r\nhello!!\r\n0\r\n\r\n",
