@@ -8,6 +8,7 @@ Names (all prefixed `hedge_`):
 - upstream_ttft_seconds / upstream_duration_seconds {provider, model}: histograms per candidate
 - attempts_total {provider, model, outcome}: outcome = won | cancelled | failed | abandoned | rejected
 - hedges_total {route, reason}: extra launches, reason = delay | error
+- hedge_budget_ratio {route}: the configured hedge_budget, so dashboards draw the real line
 - budget_refusals_total {route}; hedge_delay_seconds {route}: the route's current hedge delay for its
   primary at the default dial (set by every hedged request; a caller's Cost-Quality dial is left out)
 - client_ttft_seconds {route}: what the caller saw (request in -> first byte of the answer out)
@@ -62,6 +63,10 @@ class Metrics:
             "hedge_hedge_delay_seconds", "Current hedge delay of the route's primary", ("route",),
             registry=r, multiprocess_mode="mostrecent",
         )  # fmt: skip
+        self.hedge_budget = Gauge(
+            "hedge_hedge_budget_ratio", "Configured hedge budget per route (delay hedges per request)",
+            ("route",), registry=r, multiprocess_mode="max",
+        )  # fmt: skip
         self.client_ttft = Histogram(
             "hedge_client_ttft_seconds", "Client-visible time to first token per route", ("route",),
             buckets=TTFT_BUCKETS, registry=r,
@@ -99,7 +104,8 @@ class Metrics:
 
         for m in (
             self.upstream_ttft, self.upstream_duration, self.attempts, self.hedges, self.budget_refusals,
-            self.hedge_delay, self.client_ttft, self.requests, self.inflight_attempts, self.tokens, self.cost,
+            self.hedge_delay, self.hedge_budget, self.client_ttft, self.requests, self.inflight_attempts,
+            self.tokens, self.cost,
             self.wasted_tokens, self.wasted_cost, self.circuit_state, self.key_requests, self.key_cost,
         ):  # fmt: skip
             # `labels()` validates and locks on every call (~2.5 us); label sets here are few and never

@@ -116,6 +116,9 @@ class Proxy:
                 h["Authorization"] = f"Bearer {key}"
             self._headers[name] = h
         self.tasks: set[asyncio.Task] = set()  # live attempt tasks, for leak tests
+        for route in self.config.routes.values():
+            if route.strategy == "hedge":
+                self.metrics.hedge_budget.labels(route.name).set(route.hedge_budget)
 
     def lane(self, stream: bool) -> Feedback:
         """The feedback lane for this kind of request (see `Feedback`)."""

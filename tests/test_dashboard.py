@@ -44,7 +44,6 @@ TEMPLATE_VALUES = {
     "__range": "5m",
     "route": ".*",
     "provider": ".*",
-    "budget": "0.1",
 }
 GRAFANA_GLOBALS = {"__rate_interval", "__interval", "__range", "__range_s", "__interval_ms"}
 # Panel datasources must come from the dashboard's variable, so the JSON works on any Grafana.

@@ -157,6 +157,7 @@ async def test_metrics_agree_with_a_scripted_run(http: aiohttp.ClientSession) ->
     assert m("hedge_hedges_total", route=ROUTE, reason="error") == 1
     assert m("hedge_budget_refusals_total", route=ROUTE) == 1
     assert m("hedge_hedge_delay_seconds", route=ROUTE) == DELAY
+    assert m("hedge_hedge_budget_ratio", route=ROUTE) == 0.5  # the configured budget, for dashboards
     # latency histograms: one client TTFT per 200; one upstream TTFT per first token
     assert m("hedge_client_ttft_seconds_count", route=ROUTE) == 6
     assert m("hedge_upstream_ttft_seconds_count", provider="a", model="up-a") == 4
