@@ -237,6 +237,11 @@ class _Conn(asyncio.Protocol):
         dec = self._decoder.decompress(raw) if raw else b""  # type: ignore[union-attr]
         if self._state == _DONE:
             dec += self._decoder.flush()  # type: ignore[union-attr]
+            if not self._decoder.eof:  # type: ignore[union-attr]
+                # the framing said "complete" but the compressed stream is not: a body cut short
+                # (e.g. a close-delimited one whose server closed early) must not pass as whole
+                self._error = UpstreamError("reset", "upstream body ended inside its compressed stream")
+                self.abort()  # unusable, like any malformed response
             self._decoder = None  # nothing more to decode on this response
         self._queued += len(dec) - len(raw)
         if dec:

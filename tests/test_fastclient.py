@@ -366,6 +366,20 @@ async def test_content_length_body_and_headers(client: FastUpstream) -> None:
         assert srv.peers[0].bodies == [REQ_BODY]
 
 
+@pytest.mark.parametrize("framing", ["length", "close"])
+async def test_truncated_gzip_body_is_an_error_not_a_short_body(client: FastUpstream, framing: str) -> None:
+    z = gzip.compress(BODY * 20, mtime=0)[:-12]  # the framing is intact, the gzip stream is not
+    if framing == "length":
+        raw = length_response(z, "Content-Encoding: gzip")
+    else:  # close-delimited, ended by a clean FIN
+        raw = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nConnection: close\r\n\r\n" + z
+    async with RawServer(answer_then(raw, "close" if framing == "close" else "wait")) as srv:
+        with pytest.raises(UpstreamError) as e:
+            await fetch(client, srv.url, read_timeout=2.0)
+        assert e.value.reason == "reset"
+        assert_idle(client, 0)
+
+
 async def test_repeated_headers_are_joined(client: FastUpstream) -> None:
     raw = length_response(BODY, "Via: 1.1 a", "Via: 1.1 b", "X-One: 1", status="200 OK")
     async with RawServer(serve_each(raw)) as srv:
