@@ -85,9 +85,3 @@ class Catalog:
                 code="model_not_found",
             )
         return plan
-
-    def model_names(self) -> list[str]:
-        return list(self.config.models)
-
-    def route_names(self) -> list[str]:
-        return list(self.config.routes)

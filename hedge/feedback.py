@@ -258,16 +258,15 @@ class Feedback:
         if strategy == "hedge":
             fresh_s = 2.0 * self.cfg.half_life_s
             known: dict[str, float | None] = {}
+            age: dict[str, float] = {}  # since the candidate's latest first token
             for c in available:
-                est = self.stats(c).current_ttft(now)
-                stale = now - self._last_exact.get(c.key, -math.inf) > fresh_s
-                known[c.key] = None if stale else est
+                age[c.key] = now - self._last_exact.get(c.key, -math.inf)
+                known[c.key] = None if age[c.key] > fresh_s else self.stats(c).current_ttft(now)
             silent = {c.key for c in available if self.silent(c, now, plan.route)}
 
             def current(c: Candidate) -> bool:
                 est = known[c.key]
-                age = now - self._last_exact.get(c.key, -math.inf)
-                return est is not None and age <= max(CURRENT_MIN_S, CURRENT_TTFTS * est)
+                return est is not None and age[c.key] <= max(CURRENT_MIN_S, CURRENT_TTFTS * est)
 
             def key(c: Candidate) -> tuple[float, ...]:
                 est = known[c.key]

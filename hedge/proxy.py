@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .auth import KeyChecker
 from .autoroute import choose_chain, classify
 from .catalog import Candidate, Catalog, Plan
 from .errors import ApiError, sse_error_event
@@ -91,8 +92,6 @@ class Proxy:
         api_keys: tuple[str, ...] = (),
         clock=time.monotonic,
     ) -> None:
-        from .auth import KeyChecker  # local: auth imports errors only
-
         self.catalog = catalog
         self.config = catalog.config
         self.feedback = feedback or Feedback(self.config.feedback)  # streaming lane
@@ -238,9 +237,8 @@ class Proxy:
         if delays is not None:
             budget = fb.budget(plan.route)
             budget.on_request()
-            d0 = delays.base_delay(0)  # the route's delay at the default dial
-            if d0 is not None:
-                self.metrics.hedge_delay.labels(plan.name).set(d0)
+            # the route's delay at the default dial
+            self.metrics.hedge_delay.labels(plan.name).set(delays.base_delay(0))
         max_attempts = plan.route.max_attempts
         race = Race(len(cands), max_attempts=max_attempts, delays=delays, budget=budget)
 
@@ -470,14 +468,14 @@ class Proxy:
                 if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
                     return AttemptResult(failure=Failure(FailureKind.RETRYABLE, "malformed", 200))
                 resp.release()
+                handed_over = True  # back in the pool: not ours to abort any more
                 return AttemptResult(chunks=[body], parsed=parsed, first_at=self.clock())
         except TimeoutError:
             return AttemptResult(failure=Failure(FailureKind.RETRYABLE, "timeout"))
         except UpstreamError as e:
             return AttemptResult(failure=Failure(FailureKind.RETRYABLE, e.reason))
         except StreamError as e:
-            reason = "error_event" if "error event" in str(e) else "malformed"
-            return AttemptResult(failure=Failure(FailureKind.RETRYABLE, reason, 200))
+            return AttemptResult(failure=Failure(FailureKind.RETRYABLE, e.reason, 200))
         except orjson.JSONDecodeError:
             return AttemptResult(failure=Failure(FailureKind.RETRYABLE, "malformed", 200))
         finally:
@@ -514,9 +512,7 @@ class Proxy:
         assert r.parsed is not None and r.chunks is not None
         cost = self._account(c, r.parsed.get("usage"), key_id)
         headers["X-GammaInfra-Cost-USD"] = cost_header(cost) if cost is not None else "unknown"
-        now = self.clock()
-        self.feedback_json.on_complete(c, now - launched, now)
-        self.metrics.upstream_duration.labels(c.provider.name, c.upstream_model).observe(now - launched)
+        self._completed(self.feedback_json, c, launched)
         return web.Response(body=r.chunks[0], status=200, content_type="application/json", headers=headers)
 
     async def _pump(
@@ -606,15 +602,17 @@ class Proxy:
             )
             raise
         finally:
-            if not completed:
-                up.abort()
-            now = self.clock()
             if completed:
-                self.feedback.on_complete(c, now - launched, now)
-                self.metrics.upstream_duration.labels(c.provider.name, c.upstream_model).observe(
-                    now - launched
-                )
+                self._completed(self.feedback, c, launched)
+            else:
+                up.abort()
         return out
+
+    def _completed(self, fb: Feedback, c: Candidate, launched: float) -> None:
+        """A winner's body or stream ended normally: its total duration feeds statistics and metrics."""
+        now = self.clock()
+        fb.on_complete(c, now - launched, now)
+        self.metrics.upstream_duration.labels(c.provider.name, c.upstream_model).observe(now - launched)
 
     @staticmethod
     async def _end_with_error(out: web.StreamResponse, message: str, code: str) -> None:

@@ -18,6 +18,10 @@ TOKEN = 1
 class StreamError(Exception):
     """The upstream stream is unusable before its first token (malformed, error event, early end)."""
 
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason  # malformed | error_event: the failure reason the race and metrics see
+
 
 def _is_first_token(event: dict[str, Any]) -> bool:
     """True when an event carries something the caller will see as an answer.
@@ -88,5 +92,5 @@ class FirstTokenDetector:
         if not isinstance(event, dict):
             raise StreamError("upstream sent an SSE event that is not a JSON object")
         if event.get("error"):
-            raise StreamError("upstream sent an error event before any token")
+            raise StreamError("upstream sent an error event before any token", "error_event")
         return _is_first_token(event)
