@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from typing import Any
 
 import orjson
@@ -120,7 +119,7 @@ def build_app(proxy: Proxy) -> web.Application:
         return web.Response(body=health, content_type="application/json")
 
     async def metrics(request: web.Request) -> web.Response:
-        now = time.monotonic()
+        now = proxy.clock()  # the clock the breakers were driven with (fake in tests)
         states = proxy.feedback.circuit_states(now)
         for c in proxy.catalog.all_candidates():
             st = states.get(c.key)
