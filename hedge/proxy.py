@@ -26,14 +26,13 @@ from .auth import KeyChecker
 from .autoroute import choose_chain, classify
 from .catalog import Candidate, Catalog, Plan
 from .errors import ApiError, sse_error_event
-from .fastclient import FastUpstream
 from .feedback import DEFAULT_EAGERNESS, Feedback
 from .metrics import Metrics
 from .race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Reject
 from .request import ChatRequest, parse_chat_request, parse_cost_quality, parse_preference
 from .secrets import Scrubber
 from .sse import TOKEN, FirstTokenDetector, StreamError
-from .upstream import Response, Upstream, UpstreamError
+from .upstream import Response, UpstreamClient, UpstreamError, UpstreamTimeout, make_client
 
 log = logging.getLogger("hedge.proxy")
 
@@ -88,7 +87,7 @@ class Proxy:
         *,
         feedback: Feedback | None = None,
         metrics: Metrics | None = None,
-        upstream: Upstream | FastUpstream | None = None,
+        upstream: UpstreamClient | None = None,
         api_keys: tuple[str, ...] = (),
         clock=time.monotonic,
     ) -> None:
@@ -98,7 +97,7 @@ class Proxy:
         self.feedback_json = Feedback(self.config.feedback, health_from=self.feedback)  # non-streaming
         self.metrics = metrics or Metrics()
         if upstream is None:
-            upstream = FastUpstream() if self.config.server.upstream_client == "fast" else Upstream()
+            upstream = make_client(self.config.server.upstream_client)
         self.upstream = upstream
         self.keys = KeyChecker(api_keys)
         self.clock = clock
@@ -586,7 +585,7 @@ class Proxy:
             await self._end_with_error(
                 out,
                 f"The upstream connection failed mid-stream ({e.reason}).",
-                "upstream_timeout" if e.reason == "timeout" else "upstream_reset",  # idle timeout: silent
+                "upstream_timeout" if isinstance(e, UpstreamTimeout) else "upstream_reset",  # idle: silent
             )
         except TimeoutError:
             await self._end_with_error(

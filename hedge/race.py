@@ -23,6 +23,8 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
+from .upstream_errors import UpstreamTimeout
+
 
 class DelayPolicy(Protocol):
     def delay(self, candidate: int) -> float | None:
@@ -254,6 +256,6 @@ class Race:
         reasons = [a.failure for a in self.attempts if a.failure is not None]
         if reasons and all(f.status == 429 for f in reasons):
             return 429
-        if reasons and all(f.reason == "timeout" for f in reasons):
+        if reasons and all(f.reason == UpstreamTimeout.reason for f in reasons):
             return 504
         return 502

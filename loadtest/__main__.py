@@ -1,8 +1,9 @@
-"""Command line: ``python -m loadtest {run,overhead,config,scenarios}``.
+"""Command line: ``python -m loadtest {run,overhead,client,config,scenarios}``.
 
 python -m loadtest run --scenario stalls --duration 20 --rate 100
 python -m loadtest run --scenario degrade --concurrency 16
 python -m loadtest overhead --concurrency 1 --requests 2000
+python -m loadtest client --requests 4000 --concurrency 32
 python -m loadtest scenarios
 """
 
@@ -87,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--repeat", type=int, default=1, help="repeat the whole benchmark, report the spread")
     o.add_argument("--targets", default="direct,baseline,hedge,fast")
     o.add_argument("--out", type=Path)
+
+    k = sub.add_parser("client", help="upstream clients alone: receive-path CPU, fast vs aiohttp")
+    k.add_argument("--requests", type=int, default=4000, help="client phase requests per client")
+    k.add_argument("--concurrency", type=int, default=32)
+    k.add_argument("--rounds", type=int, default=4, help="the clients alternate in this many rounds")
+    k.add_argument("--streams", type=int, default=50, help="responses recorded for the parse phase")
 
     c = sub.add_parser("config", help="print the proxy TOML a run would use (for --target setups)")
     c.add_argument("--scenario", default="stalls", choices=sorted(scenarios.SCENARIOS))
@@ -191,6 +198,17 @@ def main(argv: list[str] | None = None) -> int:
             if bopts.requests > 1_000_000 or bopts.throughput_requests > 1_000_000:
                 raise SystemExit("request counts are capped at 1,000,000 per phase")
             _run_async(overhead(bopts))
+        elif args.cmd == "client":
+            from .clientbench import render
+            from .clientbench import run as client_bench
+
+            if not 0 < args.requests <= 1_000_000 or not 0 < args.concurrency <= 1024:
+                raise SystemExit("--requests must be within [1, 1000000], --concurrency within [1, 1024]")
+            if not 0 < args.streams <= 10_000:
+                raise SystemExit("--streams must be within [1, 10000]")
+            rounds = max(1, args.rounds)
+            res = _run_async(client_bench(args.requests, args.concurrency, rounds, args.streams))
+            print(render(res, args.concurrency))
     except (KeyboardInterrupt, CancelledError):
         print("\ninterrupted; child processes stopped", file=sys.stderr)
         return 130

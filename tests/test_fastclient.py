@@ -32,10 +32,11 @@ import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hedge import fastclient
+from hedge import http11
+from hedge.aiohttp_client import AiohttpUpstream
 from hedge.fastclient import HIGH_WATER, FastResponse, FastUpstream, _Conn
 from hedge.simprovider import Behaviour
-from hedge.upstream import Upstream, UpstreamError
+from hedge.upstream import UpstreamError
 
 from .conftest import chat, eventually, raw_config, read_stream, run_proxy, same_stream, sims
 
@@ -531,19 +532,19 @@ async def parse_pieces(raw: bytes, pieces: list[bytes], closes: bool, drain: lis
     out = bytearray()
     for i, p in enumerate(pieces):
         conn.data_received(p)
-        if drain[i % len(drain)] and conn.status:
-            while conn._chunks:
-                out += await conn.read()
+        if drain[i % len(drain)] and conn.reply.status:
+            while conn.reply.queued:
+                out += await conn.reply.read()
     if closes:
         conn.connection_lost(None)
-    assert conn.status == 200 or conn.status == 201
+    assert conn.reply.status == 200 or conn.reply.status == 201
     for _ in range(len(raw) + 2):
-        chunk = await asyncio.wait_for(conn.read(), 1.0)
+        chunk = await asyncio.wait_for(conn.reply.read(), 1.0)
         if not chunk:
             break
         out += chunk
-    assert conn._error is None
-    assert conn.keep_alive is not closes
+    assert conn.reply.error is None
+    assert conn.parser.keep_alive is not closes
     return bytes(out)
 
 
@@ -971,8 +972,8 @@ async def test_backpressure_bounds_the_buffer_and_keeps_the_body_intact(client: 
         while True:
             if reads < 12:
                 await asyncio.sleep(0.02)  # a slow consumer: the server outpaces us
-            max_queued = max(max_queued, conn._queued)
-            paused_seen = paused_seen or conn._paused
+            max_queued = max(max_queued, conn.reply.queued)
+            paused_seen = paused_seen or conn.flow.paused
             chunk = await resp.read_chunk()
             if not chunk:
                 break
@@ -1002,7 +1003,7 @@ async def test_paused_reading_is_not_an_idle_timeout(client: FastUpstream) -> No
     async with RawServer(blast) as srv:
         resp = await open_(client, srv.url, read_timeout=0.2)
         first = await resp.read_chunk()
-        assert await eventually(lambda: resp._conn._paused)
+        assert await eventually(lambda: resp._conn.flow.paused)
         await asyncio.sleep(0.5)  # paused well past the idle timeout
         rest = await read_body(resp)
         assert first + rest == payload
@@ -1045,8 +1046,8 @@ async def test_malformed_responses_fail_and_are_not_pooled(client: FastUpstream,
 
 async def test_endless_head_or_chunk_line_is_refused(client: FastUpstream) -> None:
     for raw in (
-        b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (fastclient.MAX_HEAD + 10),
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"0" * (fastclient.MAX_HEAD + 10),
+        b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (http11.MAX_HEAD + 10),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"0" * (http11.MAX_HEAD + 10),
     ):
         async with RawServer(answer_then(raw, "wait")) as srv:
             with pytest.raises(UpstreamError) as e:
@@ -1116,7 +1117,7 @@ def client_cfg(client: str) -> dict[str, str]:
 
 
 def upstream_type(client: str) -> type:
-    return FastUpstream if client == "fast" else Upstream
+    return FastUpstream if client == "fast" else AiohttpUpstream
 
 
 @pytest.mark.parametrize("which", CLIENTS)

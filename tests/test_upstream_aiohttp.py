@@ -14,12 +14,13 @@ import aiohttp
 import pytest
 from aioresponses import aioresponses
 
-from hedge.upstream import Upstream, UpstreamError
+from hedge.aiohttp_client import AiohttpUpstream
+from hedge.upstream import UpstreamError
 
 URL = "http://provider.invalid/v1/chat/completions"
 
 
-async def open_(up: Upstream) -> object:
+async def open_(up: AiohttpUpstream) -> object:
     return await up.open(URL, {"Content-Type": "application/json"}, b"{}", connect_timeout=1, read_timeout=1)
 
 
@@ -37,7 +38,7 @@ async def open_(up: Upstream) -> object:
     ],
 )  # fmt: skip
 async def test_failures_before_headers_map_to_reasons(exc: BaseException, reason: str) -> None:
-    up = Upstream()
+    up = AiohttpUpstream()
     try:
         with aioresponses() as mock:
             mock.post(URL, exception=exc)
