@@ -821,6 +821,56 @@ async def test_bytes_after_the_body_make_the_connection_unusable(client: FastUps
 # ----------------------------------------------------------------------------------------- abort
 
 
+class CountingUpstream(FastUpstream):
+    """Counts `discard` calls per connection: a connection leaves the pool exactly once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.discards: dict[int, int] = {}
+
+    def discard(self, c: _Conn) -> None:
+        self.discards[id(c)] = self.discards.get(id(c), 0) + 1
+        super().discard(c)
+
+
+@pytest.mark.parametrize("how", ["abort", "release-early", "cancel", "server-close"])
+async def test_each_connection_is_discarded_once(how: str) -> None:
+    client = CountingUpstream()
+
+    async def script(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        if how == "server-close":
+            peer.close()
+        await peer.until_gone()
+
+    try:
+        async with RawServer(script) as srv:
+            resp = await open_(client, srv.url)
+            assert await resp.read_chunk() == b"hello"
+            if how == "abort":
+                resp.abort()
+                resp.abort()
+            elif how == "release-early":
+                resp.release()
+            elif how == "cancel":
+                task = asyncio.ensure_future(resp.read_chunk())
+                await asyncio.sleep(0.02)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            else:
+                with pytest.raises(UpstreamError):
+                    await read_body(resp)
+                resp.abort()
+            assert await gone(srv.peers[0])
+            await asyncio.sleep(0.05)  # connection_lost has run
+            assert list(client.discards.values()) == [1]
+            assert_idle(client, 0)
+    finally:
+        await client.close()
+
+
 async def test_abort_while_waiting_for_the_body(client: FastUpstream) -> None:
     async def headers_only(peer: Peer) -> None:
         await peer.request()
