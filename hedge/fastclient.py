@@ -129,10 +129,10 @@ class _Reply:
                 self.done = True
         self.wake()
 
-    def fail(self, err: UpstreamError, *, even_if_done: bool = False) -> None:
-        """End the response with `err` (the first error wins). A complete body stays complete unless
-        `even_if_done`: bytes that break a body *of the right length* must not let it pass."""
-        if self.error is None and (even_if_done or not self.done):
+    def fail(self, err: UpstreamError) -> None:
+        """End the response with `err`; the first error wins, and a complete body stays complete. (A
+        gzip body of the right length that does not decode is never complete: `finish` raised first.)"""
+        if self.error is None and not self.done:
             self.error = err
         self.wake()
 
@@ -229,7 +229,7 @@ class _Conn(asyncio.Protocol):
         try:
             reply.on_events(self.parser.feed(data))
         except UpstreamError as e:
-            reply.fail(e, even_if_done=True)
+            reply.fail(e)
             self.abort()
             return
         self.flow.queued(reply.queued)
@@ -446,10 +446,10 @@ class FastUpstream:
             if conn is None:
                 conn = await self._connect(key, connect_timeout)
             self._busy.add(conn)
+            conn.last_activity = conn.loop.time()  # the idle timer counts from the request
             resp = FastResponse(conn, read_timeout)
             try:
                 assert conn.transport is not None
-                conn.last_activity = conn.loop.time()
                 conn.transport.write(request)
                 await conn.reply.wait_head()
             except ReadReset:
