@@ -108,26 +108,30 @@ class _Reply:
         self.error: UpstreamError | None = None
 
     def on_events(self, events: list[Response | Data | EndOfMessage]) -> None:
-        """Apply the parser's events. Raises `ProtocolError` for a body that does not decode."""
+        """Apply the parser's events, wake the reader, and tell flow control how much waits unread.
+        Raises `ProtocolError` for a body that does not decode."""
+        chunks = self._chunks
+        dec = self._decoder
         for ev in events:
             if type(ev) is Data:
-                data = ev.data if self._decoder is None else self._decoder.decode(ev.data)
+                data = ev.data if dec is None else dec.decode(ev.data)
                 if data:
-                    self._chunks.append(data)
+                    chunks.append(data)
                     self.queued += len(data)
             elif type(ev) is Response:
                 self.status = ev.status
                 self.headers = ev.headers
                 enc = dict.get(ev.headers, "content-encoding")
-                self._decoder = None if enc is None else BodyDecoder.for_encoding(enc)
+                dec = self._decoder = None if enc is None else BodyDecoder.for_encoding(enc)
             else:  # EndOfMessage
-                if self._decoder is not None:
-                    tail = self._decoder.finish()  # raises if the compressed stream is cut short
+                if dec is not None:
+                    tail = dec.finish()  # raises if the compressed stream is cut short
                     if tail:
-                        self._chunks.append(tail)
+                        chunks.append(tail)
                         self.queued += len(tail)
                 self.done = True
         self.wake()
+        self._flow.queued(self.queued)
 
     def fail(self, err: UpstreamError) -> None:
         """End the response with `err`; the first error wins, and a complete body stays complete. (A
@@ -201,11 +205,12 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.aborted = False  # closed by us, not by the peer
         self.idle_since = 0.0
+        self.parser = ResponseParser()
         self.reset()
 
     def reset(self) -> None:
         """Ready for the next request on this connection."""
-        self.parser = ResponseParser()
+        self.parser.reset()
         self.reply = _Reply(self.loop, self.flow, self._resume)
         self.got_bytes = False
         self.last_activity = self.loop.time()
@@ -225,14 +230,13 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
         self.last_activity = self.loop.time()
-        reply = self.reply
         try:
-            reply.on_events(self.parser.feed(data))
+            events = self.parser.feed(data)
+            if events:
+                self.reply.on_events(events)
         except UpstreamError as e:
-            reply.fail(e)
+            self.reply.fail(e)
             self.abort()
-            return
-        self.flow.queued(reply.queued)
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows

@@ -102,6 +102,7 @@ class ResponseParser:
     __slots__ = (
         "_credit",
         "_events",
+        "_fed",
         "_final",
         "_headers",
         "_parser",
@@ -113,15 +114,17 @@ class ResponseParser:
 
     def __init__(self) -> None:
         self._parser: httptools.HttpResponseParser | None = None
+        self._fed = False  # bytes went into the llhttp parser since it was made or last reused
         self.done = False  # EndOfMessage was emitted
         self.keep_alive = True  # after EndOfMessage: the connection may carry another request
         self.reset()
 
     def reset(self) -> None:
         """Ready for the next response on the same connection. After a complete keep-alive response
-        llhttp is at a message boundary and is reused; otherwise it starts afresh."""
-        if self._parser is None or not (self.done and self.keep_alive):
+        llhttp is at a message boundary and is reused; after anything else it starts afresh."""
+        if self._parser is None or (self._fed and not (self.done and self.keep_alive)):
             self._parser = httptools.HttpResponseParser(self)
+        self._fed = False
         self._events: list[Event] = []
         self._headers = Headers()
         self._final = False  # the head being parsed (or parsed) is the final, non-1xx one
@@ -141,6 +144,7 @@ class ResponseParser:
                 self.keep_alive = False  # bytes nobody asked for: do not reuse the connection
             return events
         self._events = events
+        self._fed = True
         try:
             self._parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserCallbackError as e:

@@ -307,3 +307,14 @@ def test_flow_control_before_the_transport_exists_does_nothing() -> None:
     f = FlowControl(high_water=1)
     f.queued(10)
     assert not f.paused and not f.drained()
+
+
+@pytest.mark.parametrize("first", [b"garbage\r\n\r\n", LENGTH[:-5], LENGTH + b"HTTP/1.1 2"])
+def test_reset_after_a_broken_or_unfinished_response_starts_afresh(first: bytes) -> None:
+    p = ResponseParser()
+    try:
+        p.feed(first)
+    except ProtocolError:
+        pass
+    p.reset()
+    assert joined(parse([LENGTH], False, p)) == expected("length")
