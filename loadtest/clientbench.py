@@ -130,7 +130,25 @@ async def time_path(streams: list[list[bytes]], path: ParsePath, rounds: int) ->
                 conn.data_received(p)
                 total += await path.drain(conn)
             path.reset(conn)
-    return (time.process_time() - t0) / (rounds * len(streams))
+    elapsed = time.process_time() - t0
+    if total == 0:
+        raise RuntimeError("the receive path produced no body bytes")
+    return elapsed / (rounds * len(streams))
+
+
+async def check_streams(streams: list[list[bytes]]) -> None:
+    """Every recorded response must come out of the receive path whole: a benchmark of a parser that
+    lost the body would measure nothing."""
+    conn = lean_client_path().new_conn()
+    for pieces in streams:
+        out = b""
+        for p in pieces:
+            conn.data_received(p)
+            while conn.reply.queued:
+                out += await conn.reply.read()
+        if not (conn.reply.done and out.endswith(b"data: [DONE]\n\n")):
+            raise RuntimeError(f"recorded stream did not parse to a complete body: {out[-80:]!r}")
+        conn.reset()
 
 
 class _NoOp:
@@ -187,6 +205,7 @@ async def run(requests: int, concurrency: int, rounds: int, streams: int) -> dic
         ready = orjson.loads(await read_ready_line(prov, 20.0, None))
         url = ready["providers"]["up"].rstrip("/") + "/chat/completions"
         recorded = await record(url, streams)
+        await check_streams(recorded)
         pieces = sum(len(s) for s in recorded) / len(recorded)
         parse_rounds = max(1, 20_000 // len(recorded))
         ours = await time_path(recorded, lean_client_path(), parse_rounds)

@@ -366,6 +366,12 @@ def test_smoke_run(tmp_path: Path) -> None:
     assert (out / "proxy.toml").exists()
 
 
+def test_smoke_client_bench() -> None:
+    proc = _run_cli("client", "--requests", "80", "--concurrency", "4", "--rounds", "2", "--streams", "5")
+    assert "lean client receive path" in proc.stdout and "llhttp alone" in proc.stdout
+    assert "ratio fast/aiohttp" in proc.stdout
+
+
 def test_smoke_overhead(tmp_path: Path) -> None:
     out = tmp_path / "ov"
     proc = _run_cli(
