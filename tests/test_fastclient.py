@@ -39,6 +39,7 @@ from hedge.simprovider import Behaviour
 from hedge.upstream import UpstreamError
 
 from .conftest import chat, eventually, raw_config, read_stream, run_proxy, same_stream, sims
+from .test_http11 import MALFORMED as PARSER_MALFORMED
 
 # The loop switch below overrides pytest-asyncio's `event_loop_policy` fixture, deprecated in favour of
 # a conftest hook that would apply to every test file; test_both_loops_really_run says when it stops
@@ -1064,22 +1065,10 @@ async def test_paused_reading_is_not_an_idle_timeout(client: FastUpstream) -> No
 # ------------------------------------------------------------------------------------- malformed
 
 
-CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+# every response the parser refuses (the table lives with the parser's unit tests), plus a body that
+# does not decode
 MALFORMED = {
-    "garbage-status-line": b"FOO 200 OK\r\n\r\n",
-    "non-numeric-status": b"HTTP/1.1 abc OK\r\nContent-Length: 0\r\n\r\n",
-    "not-http-at-all": b"<html>hello</html>\r\n\r\n",
-    "bad-content-length": b"HTTP/1.1 200 OK\r\nContent-Length: lots\r\n\r\n",
-    "negative-content-length": b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello",
-    "bad-chunk-size": CHUNKED_HEAD + b"zz\r\nhello\r\n0\r\n\r\n",
-    "negative-chunk-size": CHUNKED_HEAD + b"-5\r\nhello\r\n0\r\n\r\n",
-    # Python's int(x, 16) takes these; HTTP's chunk-size is plain hex digits only (RFC 9112 7.1)
-    "0x-prefixed-chunk-size": CHUNKED_HEAD + b"0x5\r\nhello\r\n0\r\n\r\n",
-    "plus-signed-chunk-size": CHUNKED_HEAD + b"+5\r\nhello\r\n0\r\n\r\n",
-    "underscored-chunk-size": CHUNKED_HEAD + b"0_5\r\nhello\r\n0\r\n\r\n",
-    # the 2 bytes after chunk data are skipped unchecked (a per-chunk cost); the desync shows at the next
-    # size line, here an empty one
-    "chunk-longer-than-declared": CHUNKED_HEAD + b"5\r\nhello!!\r\n0\r\n\r\n",
+    **PARSER_MALFORMED,
     "bad-gzip": b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 9\r\n\r\nnot gzip!",
 }
 

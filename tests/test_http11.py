@@ -194,10 +194,11 @@ MALFORMED = {
     "negative-content-length": b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello",
     "bad-chunk-size": CHUNKED_HEAD + b"zz\r\nhello\r\n0\r\n\r\n",
     "negative-chunk-size": CHUNKED_HEAD + b"-5\r\nhello\r\n0\r\n\r\n",
+    # Python's int(x, 16) takes these; HTTP's chunk-size is plain hex digits only (RFC 9112 7.1)
     "0x-prefixed-chunk-size": CHUNKED_HEAD + b"0x5\r\nhello\r\n0\r\n\r\n",
     "plus-signed-chunk-size": CHUNKED_HEAD + b"+5\r\nhello\r\n0\r\n\r\n",
     "underscored-chunk-size": CHUNKED_HEAD + b"0_5\r\nhello\r\n0\r\n\r\n",
-    "chunk-longer-than-declared": CHUNKED_HEAD + b"5\r\nhello!!\r\n0\r\n\r\n",
+    "chunk-longer-than-declared": CHUNKED_HEAD + b"5\r\nhello!!\r\n0\r\n\r\n",  # no CRLF after data
     # stricter than the hand-written parser was (both are request-smuggling vectors, RFC 9112 6.1/2.2)
     "length-and-chunked": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
     "bare-lf-line-ends": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nhi",
