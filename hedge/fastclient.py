@@ -284,7 +284,8 @@ class FastResponse:
         self._timer: asyncio.TimerHandle | None = None
         self._arm()
 
-    def _head(self) -> None:
+    def head_arrived(self) -> None:
+        """The status and headers are in (`open` calls this before handing the response out)."""
         reply = self._conn.reply
         self.status = reply.status
         self.headers = reply.headers
@@ -467,7 +468,7 @@ class FastUpstream:
             except BaseException:
                 resp.abort()
                 raise
-            resp._head()
+            resp.head_arrived()
             return resp
         raise ReadReset("upstream connection failed")  # pragma: no cover
 

@@ -113,18 +113,21 @@ class ResponseParser:
     )  # fmt: skip
 
     def __init__(self) -> None:
-        self._parser: httptools.HttpResponseParser | None = None
+        self._parser = httptools.HttpResponseParser(self)
         self._fed = False  # bytes went into the llhttp parser since it was made or last reused
         self.done = False  # EndOfMessage was emitted
         self.keep_alive = True  # after EndOfMessage: the connection may carry another request
-        self.reset()
+        self._start()
 
     def reset(self) -> None:
         """Ready for the next response on the same connection. After a complete keep-alive response
         llhttp is at a message boundary and is reused; after anything else it starts afresh."""
-        if self._parser is None or (self._fed and not (self.done and self.keep_alive)):
+        if self._fed and not (self.done and self.keep_alive):
             self._parser = httptools.HttpResponseParser(self)
         self._fed = False
+        self._start()
+
+    def _start(self) -> None:
         self._events: list[Event] = []
         self._headers = Headers()
         self._final = False  # the head being parsed (or parsed) is the final, non-1xx one
@@ -146,7 +149,7 @@ class ResponseParser:
         self._events = events
         self._fed = True
         try:
-            self._parser.feed_data(data)  # type: ignore[union-attr]
+            self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
             if not isinstance(e.__context__, _Trailing):
                 raise ProtocolError("upstream sent a malformed HTTP response") from None
@@ -187,7 +190,7 @@ class ResponseParser:
         h[key] = val if old is None else f"{old}, {val}"
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()  # type: ignore[union-attr]
+        status = self._parser.get_status_code()
         if status < 200:  # interim (100 Continue, 103 Early Hints): the real head follows
             self._headers = Headers()
             return
@@ -206,6 +209,6 @@ class ResponseParser:
     def on_message_complete(self) -> None:
         if not self._final:
             return  # the end of an interim response
-        self.keep_alive = self._parser.should_keep_alive()  # type: ignore[union-attr]
+        self.keep_alive = self._parser.should_keep_alive()
         self.done = True
         self._events.append(END)
