@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httptools
 import orjson
@@ -66,9 +67,10 @@ class _Recorder(asyncio.Protocol):
 
 async def record(url: str, n: int) -> list[list[bytes]]:
     """`n` streaming responses as received: each a list of the pieces `data_received` got."""
-    client = FastUpstream()
-    key, _, head = client._head(url, HEADERS)
-    host, port, _ = key
+    u = urlsplit(url)
+    host, port = u.hostname or "127.0.0.1", u.port or 80
+    lines = [f"POST {u.path} HTTP/1.1", f"Host: {host}:{port}", *(f"{k}: {v}" for k, v in HEADERS.items())]
+    head = ("\r\n".join(lines) + "\r\n").encode()
     loop = asyncio.get_running_loop()
     out: list[list[bytes]] = []
     for i in range(n):
