@@ -319,3 +319,13 @@ def test_reset_after_a_broken_or_unfinished_response_starts_afresh(first: bytes)
         pass
     p.reset()
     assert joined(parse([LENGTH], False, p)) == expected("length")
+
+
+def test_the_body_pieces_of_one_read_are_one_data_event() -> None:
+    # a read holding a whole streamed response (two dozen chunks) costs one event, not two dozen
+    parts = [b"data: %d\n\n" % i for i in range(24)]
+    raw = chunked(parts)
+    head_end = raw.index(b"\r\n\r\n") + 4
+    p = ResponseParser()
+    assert len(p.feed(raw[:head_end])) == 1
+    assert p.feed(raw[head_end:]) == [Data(b"".join(parts)), EndOfMessage()]
