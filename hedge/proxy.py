@@ -27,12 +27,13 @@ from .autoroute import choose_chain, classify
 from .catalog import Candidate, Catalog, Plan
 from .errors import ApiError, sse_error_event
 from .fastclient import FastUpstream
-from .feedback import DEFAULT_EAGERNESS, Feedback
+from .feedback import DEFAULT_EAGERNESS, Feedback, Order
 from .metrics import Metrics
 from .race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Reject
 from .request import ChatRequest, parse_chat_request, parse_cost_quality, parse_preference
 from .secrets import Scrubber
 from .sse import TOKEN, FirstTokenDetector, StreamError
+from .strategy import get as get_strategy
 from .upstream import Response, Upstream, UpstreamError
 
 log = logging.getLogger("hedge.proxy")
@@ -115,9 +116,17 @@ class Proxy:
                 h["Authorization"] = f"Bearer {key}"
             self._headers[name] = h
         self.tasks: set[asyncio.Task] = set()  # live attempt tasks, for leak tests
+        m = self.metrics
         for route in self.config.routes.values():
-            if route.strategy == "hedge":
-                self.metrics.hedge_budget.labels(route.name).set(route.hedge_budget)
+            # every dashboard series exists from start-up, at 0, instead of "No data" until it first moves
+            m.hedges.labels(route.name, "error")
+            if get_strategy(route.strategy).hedges:
+                m.hedge_budget.labels(route.name).set(route.hedge_budget)
+                m.budget_refusals.labels(route.name)
+                m.hedges.labels(route.name, "delay")
+                m.hedges.labels(route.name, "explore")
+        for c in catalog.all_candidates():
+            m.attempts.labels(c.provider.name, c.upstream_model, "failed")
 
     def lane(self, stream: bool) -> Feedback:
         """The feedback lane for this kind of request (see `Feedback`)."""
@@ -169,7 +178,7 @@ class Proxy:
         route[0] = plan.name
         dial = parse_cost_quality(request.headers.get("X-GammaInfra-Cost-Quality"))
         pref = parse_preference(request.headers.get("X-GammaInfra-Preference"), self._known_prefs)
-        task = classify(req) if plan.strategy == "auto" else None
+        task = classify(req) if get_strategy(plan.strategy).classifies else None
         cands = self._fit(plan, req, dial, task)
 
         self.inflight += 1
@@ -223,7 +232,7 @@ class Proxy:
         request: web.Request,
         req: ChatRequest,
         plan: Plan,
-        cands: list[Candidate],
+        order: Order,
         dial: float | None,
         t_in: float,
         key_id: str | None,
@@ -232,11 +241,11 @@ class Proxy:
         now = self.clock()
         eagerness = DEFAULT_EAGERNESS if dial is None else dial
         fb = self.lane(req.stream)
-        delays = fb.delay_policy(plan, cands, now, eagerness)
+        cands = list(order.candidates)
+        delays = fb.delay_policy(plan, order, now, eagerness)
         budget = None
         if delays is not None:
-            budget = fb.budget(plan.route)
-            budget.on_request()
+            budget = fb.request_budget(plan.route, order)
             # the route's delay at the default dial
             self.metrics.hedge_delay.labels(plan.name).set(delays.base_delay(0))
         max_attempts = plan.route.max_attempts
@@ -262,7 +271,8 @@ class Proxy:
                     if isinstance(act, Launch):
                         c = cands[act.candidate]
                         if act.reason != "initial":
-                            self.metrics.hedges.labels(plan.name, act.reason).inc()
+                            why = "explore" if act.attempt == 1 and order.explore is c else act.reason
+                            self.metrics.hedges.labels(plan.name, why).inc()
                         try:
                             payload = orjson.dumps({**body, "model": c.upstream_model})
                         except orjson.JSONEncodeError:  # loads takes any depth, dumps stops at 255
@@ -313,7 +323,7 @@ class Proxy:
                     c = cands[i]
                     att = race.attempts[i]
                     if r.failure is None:
-                        fb.on_first_token(c, r.first_at - att.launched_at, now)
+                        fb.on_first_token(c, r.first_at - att.launched_at, now, launched_at=att.launched_at)
                         self.metrics.upstream_ttft.labels(c.provider.name, c.upstream_model).observe(
                             r.first_at - att.launched_at
                         )
@@ -386,7 +396,7 @@ class Proxy:
                 # feedback must hear how it ended, or it would wait for news of it forever
                 r0 = results[i] = t.result()
                 if r0.failure is None:
-                    fb.on_first_token(c, r0.first_at - att.launched_at, now)
+                    fb.on_first_token(c, r0.first_at - att.launched_at, now, launched_at=att.launched_at)
                 else:
                     fb.on_failure(c, r0.failure, now, launched_at=att.launched_at)
             t.cancel()

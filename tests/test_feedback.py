@@ -24,7 +24,7 @@ import pytest
 from hedge.catalog import Candidate, Catalog, Plan
 from hedge.config import parse_config
 from hedge.errors import ApiError
-from hedge.feedback import Feedback, dial_multiplier
+from hedge.feedback import Feedback, Order, dial_multiplier
 from hedge.health import BreakerState
 from hedge.race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Reject
 from hedge.request import parse_cost_quality, parse_preference
@@ -54,7 +54,7 @@ Script = Callable[[str, float], Answer]  # (provider name, launch time) -> Answe
 class Req:
     arrival: float
     race: Race | None = None
-    cands: list[Candidate] = field(default_factory=list)
+    cands: Order = field(default_factory=lambda: Order(()))
     launches: list[tuple[str, str, float]] = field(default_factory=list)  # (provider, reason, at)
     winner: str | None = None
     ttft: float | None = None  # client-visible
@@ -136,8 +136,7 @@ class Sim:
         delays = self.fb.delay_policy(self.plan, r.cands, now, dial)
         budget = None
         if delays is not None:
-            budget = self.fb.budget(self.plan.route)
-            budget.on_request()  # once per request, as the proxy does
+            budget = self.fb.request_budget(self.plan.route, r.cands)  # once per request, as the proxy
         r.race = Race(len(r.cands), max_attempts=self.plan.route.max_attempts, delays=delays, budget=budget)
         self._apply(r, r.race.start(now))
 
@@ -376,13 +375,20 @@ def test_config_order_breaks_ties_and_unknown_sorts_first() -> None:
     # the caller never waits on a guess); then by expected TTFT
     explored = fb.order(plan, 4.5)
     assert [c.provider.name for c in explored] == ["b", "c", "a"]
-    assert explored.explore_second
+    assert explored.explore is sim.cand("c")
     d = fb.delay_policy(plan, explored, 4.5, 0.5)
     assert d is not None and d.delay(0) == 0.0  # the second attempt starts at once
-    # the next request (within the exploration interval): c, still unknown, sorts after the known ones
-    again = fb.order(plan, 4.501)
+    # exploring is paid from its own bucket (burst 2): one more request explores c, then it is empty;
+    # with the hedge bucket below half full too, c, still unknown, sorts after the known ones
+    assert fb.order(plan, 4.501).explore is sim.cand("c")
+    hedges = fb.budget(plan.route)
+    while hedges.tokens >= hedges.burst / 2:
+        assert hedges.try_spend()
+    again = fb.order(plan, 4.502)
     assert [c.provider.name for c in again] == ["b", "a", "c"]
-    assert not again.explore_second
+    assert again.explore is None
+    plain = fb.delay_policy(plan, again, 4.502, 0.5)
+    assert plain is not None and plain.delay(0) > 0.0
 
 
 def test_erroring_provider_sorts_after_the_healthy_ones() -> None:
@@ -592,9 +598,11 @@ def test_budget_holds_when_every_provider_is_slow_at_once() -> None:
     slow = [r for r in reqs if r.arrival >= 20.0]
     n, n_slow = len(reqs), len(slow)
     extra, extra_slow = extra_attempts(reqs), extra_attempts(slow)
-    budget = sim.fb.budget(sim.plan.route)
-    # no errors here, so every extra attempt is a delay hedge paid from the bucket
-    assert extra == extra_attempts(reqs, "delay") == budget.spent
+    budget, explore = sim.fb.budget(sim.plan.route), sim.fb.explore_budget(sim.plan.route)
+    # no errors here, so every extra attempt is a delay hedge or an exploration, paid from the buckets
+    # (3/4 and 1/4 of the ratio, bursts `burst` and 2)
+    burst += explore.burst
+    assert extra == extra_attempts(reqs, "delay") == budget.spent + explore.spent
     assert extra <= ratio * n + burst
     assert extra_slow <= ratio * n_slow + burst
     # in any time window, not just in total: hedges launched <= burst + deposits (one per arrival)
