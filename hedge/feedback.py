@@ -237,16 +237,16 @@ class Feedback:
         """Expected TTFT given what is outstanding (None: unknown), and the evidence behind it.
 
         The Kaplan-Meier median of the last few ended attempts plus those in flight (`Evidence`). When
-        that median is not identified (mostly waiting or cancelled attempts), its lower bound is raised
-        to the long window's median, if there is one; a candidate with no ended attempt is unknown.
+        that median is not identified (mostly waiting or cancelled attempts, or too few exact answers),
+        it is raised to the long window's median; without one the candidate is unknown.
         """
         e = self.evidence(c).estimate(now)
         if e.ttft is None or not e.lower_bound:
             return e.ttft, e
-        if e.ended == 0:
-            return None, e
         long = self.stats(c).expected_ttft(now)
-        return (e.ttft if long is None or long < e.ttft else long), e
+        if long is None:
+            return None, e  # "at least t" and nothing else: unknown (explored, not ranked)
+        return (e.ttft if long < e.ttft else long), e
 
     # ------------------------------------------------------------------------------- decisions
 
@@ -304,7 +304,8 @@ class Feedback:
         """The candidate this request should measure beside the leader, if any, with its token taken.
 
         Due: healthy, not the leader, and unknown, or promising (its latest exact answer is in a faster
-        latency bucket than the leader's estimate: confirm it now), or without an exact answer for
+        latency bucket than the leader's estimate, it arrived within the last `EXPLORE_EVERY`
+        half-lives, and its own median is not identified: confirm it now), or without an exact answer for
         `EXPLORE_EVERY` half-lives; in that order. None while the leader itself is unknown (cold start:
         it is being measured as it serves). Paid from the exploration bucket; unknown and promising
         ones, when that is empty, from the hedge bucket while it is at least half full (a stale one
@@ -326,8 +327,13 @@ class Feedback:
             last = -math.inf if ev.last_exact_at is None else ev.last_exact_at
             if v.ttft is None:
                 rank: tuple[float, ...] = (0, v.index)
-            elif ev.last_exact is not None and latency_bucket(ev.last_exact) < lead_b:
-                rank = (1, v.index)
+            elif (
+                v.estimate.lower_bound  # its own answers do not say otherwise yet
+                and ev.last_exact is not None
+                and now - last < stale_s  # fresh news, not an old lucky answer
+                and latency_bucket(ev.last_exact) < lead_b
+            ):
+                rank = (1, ev.last_exact / lead.ttft)  # the more promising first
             elif now - last >= stale_s:
                 rank = (2, last)
             else:

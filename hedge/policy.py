@@ -32,11 +32,11 @@ from math import log
 from .budget import HedgeBudget
 from .config import RouteConfig
 
-EVIDENCE_N = 5
+EVIDENCE_N = 7
 """Ended attempts kept per candidate: few enough that three fresh answers outvote the old ones (a
 recovered provider leads again after three fast answers), enough that two stalls cannot."""
 
-MIN_EXACT = 3
+MIN_EXACT = 4
 """A median is identified only when it rests on at least this many exact answers (a majority of the
 kept attempts). A hedge target loses most races early, and one lucky answer among four early
 cancellations would otherwise pass for its median."""
@@ -87,9 +87,10 @@ def latency_bucket(seconds: float) -> int:
 class Estimate:
     """What a candidate's evidence says at one instant.
 
-    `ttft`: the Kaplan-Meier median; when fewer than half of the observations ended by the largest
-    one (mostly waiting or cancelled), the median is not identified and `ttft` is that largest time,
-    a lower bound (`lower_bound` True). `pending`: attempts in flight. `ended`: ended attempts kept.
+    `ttft`: the Kaplan-Meier median. `lower_bound` is True when it is not identified: when fewer than
+    half of the observations ended by the largest one (mostly waiting or cancelled), `ttft` is that
+    largest time, a lower bound; when it rests on fewer than `MIN_EXACT` exact answers, it is the
+    median but not to be trusted alone. `pending`: attempts in flight. `ended`: ended attempts kept.
     """
 
     ttft: float | None
@@ -159,15 +160,13 @@ class Evidence:
         if not obs:
             return Estimate(None, False, 0, 0)
         obs.sort()  # exact before censored at equal times: a censored one at t was still at risk at t
-        if exact < MIN_EXACT:
-            return Estimate(obs[-1][0], True, len(self._pending), ended)
         at_risk = len(obs)
         survival = 1.0
         for t, censored in obs:
             if not censored:
                 survival *= 1.0 - 1.0 / at_risk
-                if survival <= 0.5:
-                    return Estimate(t, False, len(self._pending), ended)
+                if survival <= 0.5:  # identified, if it rests on enough exact answers
+                    return Estimate(t, exact < MIN_EXACT, len(self._pending), ended)
             at_risk -= 1
         return Estimate(obs[-1][0], True, len(self._pending), ended)
 

@@ -17,6 +17,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,6 +35,24 @@ from .conftest import raw_config
 
 ROUTE = "gammainfra/fast"
 CONNECT = Failure(FailureKind.RETRYABLE, "connect")
+
+# The fake-clock figures README.md quotes ("Measured with a fake clock"), pinned here to +-10 % so the
+# README and the code cannot drift apart: change the policy, and these (and the README) must follow.
+README_FIGURES: dict[str, float] = {
+    "order flips to the faster provider (s)": 1.0,
+    "order flips back after the recovery (s)": 2.3,
+    "delay reaches 2.5 s after the slowdown (s)": 4.1,
+    "delay back under 1 s after the recovery (s)": 2.9,
+    "delay back to 0.35 s after the recovery (s)": 45.9,
+    "all-slow extra attempts": 196,
+    "all-slow bound": 207,
+    "all-slow extra attempts without a budget": 2464,
+}
+
+
+def pinned(name: str, measured: float) -> None:
+    want = README_FIGURES[name]
+    assert abs(measured - want) <= 0.1 * want, f"{name}: measured {measured}, README says {want}"
 
 
 # ------------------------------------------------------------------------------------------ the sim
@@ -286,6 +305,9 @@ def test_hedge_delay_follows_a_primary_from_300ms_to_3s_and_back() -> None:
         f"<= 1 s within {near:.1f} s, back to 0.35 s {down:.1f} s after"
     )
     assert near < 5.0
+    pinned("delay reaches 2.5 s after the slowdown (s)", up)
+    pinned("delay back under 1 s after the recovery (s)", near)
+    pinned("delay back to 0.35 s after the recovery (s)", down)
     # "within seconds" at the default half-life of 10 s: up in a few seconds (every answer above the
     # delay is news), down within ~5 half-lives (3 s mass must decay below 5 % of the weight)
     assert up < 15.0
@@ -350,6 +372,8 @@ def test_order_flips_to_the_faster_provider_and_back() -> None:
     to_b = flip_time(60.0, "b")
     back = flip_time(120.0, "a")
     print(f"\norder: flips to b {to_b:.1f} s after a slows down, back to a {back:.1f} s after it recovers")
+    pinned("order flips to the faster provider (s)", to_b)
+    pinned("order flips back after the recovery (s)", back)
     assert share(30.0, 60.0, "a") >= 0.95  # learned: a is the faster one
     # the order follows the decayed *median*: it flips once the slow answers outweigh the fast ones
     # still remembered, i.e. about one half-life (10 s) plus the 3 s it takes to see a slow answer
@@ -620,6 +644,18 @@ def test_budget_holds_when_every_provider_is_slow_at_once() -> None:
     )
     assert budget.refusals > 0
     assert free_extra > ratio * n_slow + burst  # without it the bound would not have held
+    pinned("all-slow extra attempts", extra_slow)
+    pinned("all-slow bound", ratio * n_slow + burst)
+    pinned("all-slow extra attempts without a budget", free_extra)
+
+
+def test_readme_quotes_the_pinned_figures() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("Measured with a fake clock")
+    para = readme[start : readme.index("\n\n", start)]
+    for name, value in README_FIGURES.items():
+        text = f"{value:g}"
+        assert text in para, f"README's fake-clock paragraph does not quote {name} = {text}"
 
 
 # --------------------------------------------------------------------------------- censoring
