@@ -116,7 +116,7 @@ class AdaptiveDelay:
     the order is the free remedy, hedges are the paid one, and the budget caps what they cost meanwhile.
     """
 
-    __slots__ = ("_cands", "_fb", "_hi", "_lo", "_mult", "_now", "_q", "_zero_first", "default")
+    __slots__ = ("_cands", "_fb", "_hi", "_lo", "_memo", "_mult", "_now", "_q", "_zero_first", "default")
 
     def __init__(
         self,
@@ -137,8 +137,15 @@ class AdaptiveDelay:
         self.default = route.default_delay_ms / 1000
         self._mult = dial_multiplier(eagerness)
         self._now = now
+        self._memo: dict[int, float] = {}  # candidate -> estimate (one request, one picture)
 
     def _estimate(self, candidate: int) -> float:
+        est = self._memo.get(candidate)
+        if est is None:
+            est = self._memo[candidate] = self._compute(candidate)
+        return est
+
+    def _compute(self, candidate: int) -> float:
         c = self._cands[candidate]
         est = self._fb.stats(c).ttft_quantile(self._q, self._now)
         if est is None:

@@ -108,11 +108,23 @@ class Evidence:
     elapsed time, and the closest waiting attempt is taken (which one is immaterial to the estimate).
     """
 
-    __slots__ = ("_ended", "_pending", "last_exact", "last_exact_at", "last_launch")
+    __slots__ = (
+        "_cache",
+        "_ended",
+        "_exact",
+        "_pending",
+        "_sorted",
+        "last_exact",
+        "last_exact_at",
+        "last_launch",
+    )
 
     def __init__(self, n: int = EVIDENCE_N) -> None:
         # (seconds, 0 = exact | 1 = censored), oldest first; exact sorts before censored at equal times
         self._ended: deque[tuple[float, int]] = deque(maxlen=n)
+        self._sorted: list[tuple[float, int]] = []  # the same, sorted (kept per end, not per estimate)
+        self._exact = 0  # exact answers among them
+        self._cache: Estimate | None = None  # the estimate while nothing is in flight (it is then timeless)
         self._pending: list[float] = []  # launch times, oldest first
         self.last_launch: float | None = None
         self.last_exact: float | None = None  # the latest exact TTFT
@@ -126,6 +138,12 @@ class Evidence:
         self._pending.append(now)
         self.last_launch = now
 
+    def _end(self, obs: tuple[float, int]) -> None:
+        self._ended.append(obs)
+        self._sorted = sorted(self._ended)
+        self._exact = sum(1 for _, c in self._ended if not c)
+        self._cache = None
+
     def _take(self, launched_at: float) -> None:
         p = self._pending
         if not p:
@@ -138,14 +156,14 @@ class Evidence:
     def answered(self, ttft: float, now: float, launched_at: float | None = None) -> None:
         """A first token after `ttft` s: an exact observation."""
         self._take(now - ttft if launched_at is None else launched_at)
-        self._ended.append((ttft, 0))
+        self._end((ttft, 0))
         self.last_exact = ttft
         self.last_exact_at = now
 
     def cancelled(self, elapsed: float, now: float, launched_at: float | None = None) -> None:
         """Cancelled after `elapsed` s without a first token: TTFT > elapsed (censored)."""
         self._take(now - elapsed if launched_at is None else launched_at)
-        self._ended.append((elapsed, 1))
+        self._end((elapsed, 1))
 
     def failed(self, now: float, launched_at: float | None = None) -> None:
         """Failed before a first token: no latency evidence (the error rate is kept elsewhere)."""
@@ -153,13 +171,24 @@ class Evidence:
 
     def estimate(self, now: float) -> Estimate:
         """Kaplan-Meier median of the ended attempts plus the waiting ones (censored at their age)."""
-        obs = list(self._ended)
-        ended = len(obs)
-        exact = ended - sum(c for _, c in obs)
-        obs += [(now - t, 1) for t in self._pending[:PENDING_MAX]]
+        pending = self._pending
+        if not pending and self._cache is not None:
+            return self._cache
+        ended = len(self._sorted)
+        exact = self._exact
+        if pending:
+            # exact before censored at equal times: a censored one at t was still at risk at t
+            obs = sorted(self._sorted + [(now - t, 1) for t in pending[:PENDING_MAX]])
+        else:
+            obs = self._sorted
         if not obs:
             return Estimate(None, False, 0, 0)
-        obs.sort()  # exact before censored at equal times: a censored one at t was still at risk at t
+        est = self._km(obs, exact, ended)
+        if not pending:
+            self._cache = est
+        return est
+
+    def _km(self, obs: list[tuple[float, int]], exact: int, ended: int) -> Estimate:
         at_risk = len(obs)
         survival = 1.0
         for t, censored in obs:
