@@ -14,20 +14,21 @@ decisions a request needs, all taken with an explicit `now` so fake-clock tests 
   2. *healthy*: breaker closed and a recent error rate (trusted from `min_samples` decayed outcomes)
      below `UNHEALTHY_ERROR_RATE`;
   3. *erroring*: the rest, still tried, last.
-  For `hedge` the key is the expected TTFT given what is outstanding (`ttft`): the Kaplan-Meier median of
-  the candidate's last few ended attempts *and* its attempts in flight, censored at their age. One rule
-  covers what used to be four: a slowed leader's waiting attempts demote it within one or two of its
-  old TTFTs (no silence guard), a provider promoted on old evidence takes traffic only until its own
-  waiting attempts say otherwise (no freshness or "current" groups), and a recovered provider needs
-  three fast answers to lead (no recovery cap, no second window).
-- **exploration**: a healthy non-leading candidate that is unknown, has not been launched for a quarter
-  half-life, or whose latest answer beat the leader's estimate (promising: confirm it at once) is raced
+  For `hedge` the key is the expected TTFT given what is outstanding (`ttft`): the Kaplan-Meier median
+  of the candidate's last few ended attempts *and* its attempts in flight, censored at their age. One
+  rule covers what used to be four: a slowed leader's waiting attempts demote it within about three of
+  its old TTFTs (no silence guard); only an identified median may lead, so a provider promoted on old
+  evidence takes traffic only until its own waiting attempts say otherwise (no freshness or "current"
+  groups); and a recovered provider needs four fast answers to lead (no second window).
+- **exploration** (`_explore`): a healthy non-leading candidate that is unknown, has had no exact
+  answer for a quarter half-life, or is promising (a fresh answer beat the leader's estimate) is raced
   *beside* the leader from the start (delay 0), so the caller gets the faster of the two and exploring
-  never costs latency. It is paid from the route's exploration bucket (a quarter of `hedge_budget`),
-  or from the hedge bucket while that is at least half full, so delay hedges cannot starve it and it
-  cannot starve them. Requests with X-GammaInfra-Preference never explore.
+  never costs latency. It is paid from the route's exploration bucket (an eighth of `hedge_budget`),
+  so delay hedges cannot starve it; unknown and promising ones may also use the hedge bucket while
+  that is at least half full. Requests with X-GammaInfra-Preference never explore.
 - **delay** (`AdaptiveDelay`): the `policy.hedge_quantile` of the running candidate's TTFT histogram,
-  clamped, times the dial factor; **budget** (`request_budget`): whether a delay hedge may be spent.
+  capped at `TAIL_FACTOR` x its current median, clamped, times the dial factor; **budget**
+  (`request_budget`): whether a delay hedge may be spent.
 """
 
 from __future__ import annotations
@@ -219,11 +220,11 @@ class Feedback:
         return b
 
     def budget(self, route: RouteConfig) -> HedgeBudget:
-        """The route's delay-hedge bucket (3/4 of `hedge_budget`; `spent`/`refusals` are its counters)."""
+        """The route's delay-hedge bucket (7/8 of `hedge_budget`; `spent`/`refusals` are its counters)."""
         return self._buckets(route)[0]
 
     def explore_budget(self, route: RouteConfig) -> HedgeBudget:
-        """The route's exploration bucket (1/4 of `hedge_budget`)."""
+        """The route's exploration bucket (1/8 of `hedge_budget`)."""
         return self._buckets(route)[1]
 
     def in_flight(self) -> dict[str, int]:

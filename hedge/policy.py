@@ -17,8 +17,8 @@ two windows):
    raise the cost only through the evidence they carry: an LLM API is not a single-server queue, and
    a pending count alone would push traffic off the fastest provider in a steady state.
 3. **One knob for load** (`hedge_quantile`, `split_budget`): the route's `hedge_budget` b is split
-   into 3b/4 for delay hedges and b/4 for exploration, and the hedge delay sits at the 1 - b/2
-   quantile, so delay hedges are *demanded* at b/2 per request against 3b/4 deposited. The bucket
+   into 7b/8 for delay hedges and b/8 for exploration, and the hedge delay sits at the 1 - b/2
+   quantile, so delay hedges are *demanded* at b/2 per request against 7b/8 deposited. The bucket
    then rarely runs dry in a steady state (no coin-flip tails), and exploration has its own share
    that hedges cannot starve.
 """
@@ -33,8 +33,9 @@ from .budget import HedgeBudget
 from .config import RouteConfig
 
 EVIDENCE_N = 7
-"""Ended attempts kept per candidate: few enough that three fresh answers outvote the old ones (a
-recovered provider leads again after three fast answers), enough that two stalls cannot."""
+"""Ended attempts kept per candidate: few enough that four fresh answers outvote the old ones (a
+recovered provider leads again after four fast answers, which exploration collects within a few
+requests), enough that two or three stalls among them cannot demote a leader."""
 
 MIN_EXACT = 4
 """A median is identified only when it rests on at least this many exact answers (a majority of the
@@ -71,7 +72,7 @@ def hedge_quantile(route: RouteConfig) -> float:
 
 
 def split_budget(route: RouteConfig) -> tuple[HedgeBudget, HedgeBudget]:
-    """(hedge bucket, exploration bucket) for a route: 3/4 and 1/4 of `hedge_budget` per request."""
+    """(hedge bucket, exploration bucket) for a route: 7/8 and 1/8 of `hedge_budget` per request."""
     b = route.hedge_budget
     hedges = HedgeBudget(b * (1.0 - EXPLORE_SHARE), burst=route.hedge_burst)
     explore = HedgeBudget(b * EXPLORE_SHARE if b * EXPLORE_SHARE >= 1e-6 else 0.0, burst=EXPLORE_BURST)
