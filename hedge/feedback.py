@@ -66,6 +66,9 @@ UNHEALTHY_ERROR_RATE = 0.5
 EXPLORE_EVERY = 0.25
 """A non-leading candidate without an exact answer for this many half-lives is due to be explored."""
 
+NEWS = 3
+"""Attempts beyond the long window's median that make a lower bound count against it (`Feedback.ttft`)."""
+
 TAIL_FACTOR = 3.0
 """The hedge delay never exceeds this multiple of the candidate's current median (`Feedback.ttft`)."""
 
@@ -246,7 +249,10 @@ class Feedback:
 
         The Kaplan-Meier median of the last few ended attempts plus those in flight (`Evidence`). When
         that median is not identified (mostly waiting or cancelled attempts, or too few exact answers),
-        it is raised to the long window's median; without one the candidate is unknown.
+        the long window's median stands in for it (without one the candidate is unknown), unless at
+        least `NEWS` of the kept attempts took longer than that median: then the bound is news (a
+        slowdown) and counts. A hedge target loses most races early and has one attempt in flight now
+        and then; that one attempt's age is no reason to rank it behind a slower backup.
         """
         e = self.evidence(c).estimate(now)
         if e.ttft is None or not e.lower_bound:
@@ -254,7 +260,9 @@ class Feedback:
         long = self.stats(c).expected_ttft(now)
         if long is None:
             return None, e  # "at least t" and nothing else: unknown (explored, not ranked)
-        return (e.ttft if long < e.ttft else long), e
+        if long < e.ttft and self.evidence(c).beyond(long, now) >= NEWS:
+            return e.ttft, e
+        return long, e
 
     # ------------------------------------------------------------------------------- decisions
 

@@ -189,6 +189,11 @@ class Evidence:
             self._cache = est
         return est
 
+    def beyond(self, t: float, now: float) -> int:
+        """Ended or waiting attempts known to take longer than `t` (censored or exact above it)."""
+        n = sum(1 for v, _ in self._sorted if v > t)
+        return n + sum(1 for launched in self._pending if now - launched > t)
+
     def _km(self, obs: list[tuple[float, int]], exact: int, ended: int) -> Estimate:
         at_risk = len(obs)
         survival = 1.0

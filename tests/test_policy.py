@@ -167,6 +167,24 @@ def test_load_aware_order_at_equal_latency_fewer_pending_leads() -> None:
     assert get_strategy("hedge").key(view) > get_strategy("hedge").key(View(b, 1, 1, 0.0, *fb.ttft(b, 10.06)))
 
 
+def test_one_young_attempt_in_flight_does_not_demote_a_hedge_target() -> None:
+    fb, plan = fb_and_plan("ab")
+    a, b = plan.candidates
+    for k in range(80):  # b: known at ~80 ms in the long window, but loses most races early
+        fb.on_launch(b, k * 0.25)
+        if k % 4 == 0:
+            fb.on_first_token(b, 0.08, k * 0.25 + 0.08)
+        else:
+            fb.on_cancelled(b, 0.02, k * 0.25 + 0.02)
+    fb.on_launch(b, 20.0)
+    t, e = fb.ttft(b, 20.15)  # one attempt in flight for 150 ms: "at least 150 ms", but no news
+    assert e.lower_bound and t == pytest.approx(0.08, rel=0.15)
+    for k in range(3):  # three waiting longer than its median: that is news
+        fb.on_launch(b, 20.0 + k * 0.01)
+    t, e = fb.ttft(b, 20.5)
+    assert e.lower_bound and t == pytest.approx(0.5)
+
+
 def test_a_lower_bound_cannot_lead_an_identified_median() -> None:
     fb, plan = fb_and_plan("ab")
     a, b = plan.candidates

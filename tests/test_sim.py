@@ -65,10 +65,11 @@ def test_all_slow_extra_load_stays_within_the_budget(capsys: pytest.CaptureFixtu
 def test_steady_tails_against_the_best_fixed_stagger(
     quantile: float, budget: float, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The issue asks for <= 1.1x in every run. Measured: <= 1.1x in most runs, up to ~1.14x in a few
-    (seeds 3 and 5 below); the assertion holds the median to 1.1x and every run to 1.15x, and prints
-    the spread. `quantile` no longer matters (the delay's quantile is 1 - budget/2); before this
-    policy, (0.5, 0.2) was ~12x: a delay demanding hedges far above what the budget pays."""
+    """The issue asks for <= 1.1x in every run. Measured over these 15 runs: 1.00-1.10x, seed 5 at
+    (0.9, 0.1) at 1.103x (one p99 rank, half a millisecond); the assertion holds the median to 1.1x
+    and every run to 1.11x, and prints the spread. `quantile` no longer matters (the delay's quantile
+    is 1 - budget/2); before this policy, (0.5, 0.2) was ~12x: a delay demanding hedges far above
+    what the budget pays."""
     route = {"quantile": quantile, "hedge_budget": budget}
     targets = [sim.steady_target(sim.simulate(sim.SCENARIOS["steady"], seed=s, route=route)) for s in SEEDS]
     values = [t.value for t in targets]
@@ -80,4 +81,4 @@ def test_steady_tails_against_the_best_fixed_stagger(
         + "\n  ".join(t.detail for t in targets),
     )
     assert statistics.median(values) <= 1.1, values
-    assert max(values) <= 1.15, values
+    assert max(values) <= 1.11, values
