@@ -233,6 +233,77 @@ def default_policy(plan: Plan) -> Policy:
     return Feedback(FeedbackConfig())
 
 
+class PeakEwma:
+    """Finagle/Linkerd's load metric, the anchor issue 9 asks to beat: a peak-sensitive EWMA of
+    latency (a sample above the average replaces it at once; otherwise it decays towards the sample
+    with time constant `tau_s`), times (pending + 1)."""
+
+    __slots__ = ("_cost", "_stamp", "pending", "tau_s")
+
+    def __init__(self, tau_s: float = 10.0) -> None:
+        self.tau_s = tau_s
+        self._cost = 0.0
+        self._stamp: float | None = None
+        self.pending = 0
+
+    def observe(self, rtt: float, now: float) -> None:
+        if self._stamp is None or rtt > self._cost:
+            self._cost = rtt
+        else:
+            w = math.exp(-(now - self._stamp) / self.tau_s)
+            self._cost = self._cost * w + rtt * (1.0 - w)
+        self._stamp = now
+
+    def cost(self) -> float:
+        return self._cost * (self.pending + 1)
+
+
+def p2c_policy(plan: Plan, seed: int = 7) -> Policy:
+    """`Feedback` with Finagle's order: power of two choices on peak-EWMA x (pending + 1) picks the
+    leader, the rest follow by cost; delays, budget, breakers and exploration-free racing as ours."""
+    from .config import FeedbackConfig
+    from .feedback import Feedback, Order
+
+    rng = random.Random(seed)
+
+    class P2C(Feedback):
+        def __init__(self) -> None:
+            super().__init__(FeedbackConfig())
+            self.ewma: dict[str, PeakEwma] = {}
+
+        def _m(self, c: Candidate) -> PeakEwma:
+            return self.ewma.setdefault(c.key, PeakEwma())
+
+        def order(self, plan: Plan, now: float, *_: Any) -> Order:  # type: ignore[override]
+            cands = [c for c in plan.candidates if self.breaker(c).available(now)] or list(plan.candidates)
+            pick = rng.sample(cands, 2) if len(cands) >= 2 else cands
+            lead = min(pick, key=lambda c: self._m(c).cost())
+            rest = sorted((c for c in cands if c is not lead), key=lambda c: self._m(c).cost())
+            return Order((lead, *rest))
+
+        def on_launch(self, c: Candidate, now: float) -> None:
+            super().on_launch(c, now)
+            self._m(c).pending += 1
+
+        def on_first_token(self, c: Candidate, ttft: float, now: float, *, launched_at: Any = None) -> None:
+            super().on_first_token(c, ttft, now, launched_at=launched_at)
+            m = self._m(c)
+            m.pending -= 1
+            m.observe(ttft, now)
+
+        def on_failure(self, c: Candidate, failure: Failure, now: float, *, launched_at: Any = None) -> None:
+            super().on_failure(c, failure, now, launched_at=launched_at)
+            self._m(c).pending -= 1
+
+        def on_cancelled(self, c: Candidate, elapsed: float, now: float, **kw: Any) -> None:
+            super().on_cancelled(c, elapsed, now, **kw)
+            m = self._m(c)
+            m.pending -= 1
+            m.observe(elapsed, now)  # Finagle observes a cancelled request's latency as it ends
+
+    return P2C()
+
+
 # ------------------------------------------------------------------------------------------- running
 
 
@@ -497,9 +568,14 @@ def table(rows: Sequence[Row]) -> str:
 
 
 def main(argv: Sequence[str] = ()) -> None:
-    """Print the scenario table (TTFT in ms, extra = upstream attempts per request - 1)."""
-    seed = int(argv[0]) if argv else 1
-    rows = [row(simulate(s, seed=seed)) for s in SCENARIOS.values()]
+    """Print the scenario table (TTFT in ms, extra = upstream attempts per request - 1), for this policy
+    and for Finagle's P2C peak-EWMA order (`--p2c`)."""
+    args = list(argv)
+    p2c = "--p2c" in args
+    args = [a for a in args if a != "--p2c"]
+    seed = int(args[0]) if args else 1
+    policy = p2c_policy if p2c else default_policy
+    rows = [row(simulate(s, seed=seed, policy=policy)) for s in SCENARIOS.values()]
     print(table(rows))
 
 
