@@ -271,7 +271,8 @@ class Proxy:
                     if isinstance(act, Launch):
                         c = cands[act.candidate]
                         if act.reason != "initial":
-                            why = "explore" if act.attempt == 1 and order.explore is c else act.reason
+                            explored = act.reason == "delay" and act.attempt == 1 and order.explore is c
+                            why = "explore" if explored else act.reason
                             self.metrics.hedges.labels(plan.name, why).inc()
                         try:
                             payload = orjson.dumps({**body, "model": c.upstream_model})
