@@ -1,90 +1,76 @@
 """Feedback: what the proxy has learned decides the next race (DESIGN §2).
 
-Owns, per candidate, a `CandidateStats` (windowed TTFT/duration/error estimators) and a `CircuitBreaker`,
-and per route a `HedgeBudget`. It turns them into the three decisions a request needs:
+Owns, per candidate, a `CandidateStats` (decayed TTFT histogram with censoring, error rate), an
+`Evidence` (the last few ended attempts and those in flight, `policy.py`) and a `CircuitBreaker`, and per
+route two buckets split from `hedge_budget` (delay hedges, exploration). It turns them into the three
+decisions a request needs, all taken with an explicit `now` so fake-clock tests drive them exactly:
 
-- **order**: which candidates, in which order (strategy-specific, healthy first);
-- **delay**: how long to wait for the running candidate before hedging (`AdaptiveDelay`);
-- **budget**: whether a delay-triggered hedge may be spent.
-
-All methods take `now` explicitly so fake-clock tests drive them exactly.
-
-Order, for every strategy, is by tier first, then by the strategy's key, with config order breaking ties:
-
-1. **the probe**: a candidate whose breaker is half-open (backoff over, probe slot free). `order` takes
-   the probe slot for it and puts it *first*, because attempt 1 is the only one certain to launch: a
-   probe placed later might never run, and then the slot would sit taken, the candidate out of service,
-   until the breaker's probe timeout. Only one half-open candidate per request is kept (the first); the
-   others are left out of that request. The probe's cost is bounded: it fails over at once on an error,
-   and for `hedge` the next candidate launches after the delay. Concurrent requests do not see the slot
-   (`available` is false while the probe is in flight), so exactly one request probes. The proxy reports
-   a cancelled probe with `on_cancelled(lost=...)`: outrun by the hedge = failed probe, otherwise no
-   verdict and the slot is freed (`CircuitBreaker.on_cancelled`).
-2. **healthy**: breaker closed and a recent error rate below `UNHEALTHY_ERROR_RATE`. The error rate is
-   trusted only while it rests on at least `min_samples` (decayed) outcomes, so old errors are forgotten
-   at the same pace as old latencies.
-3. **erroring**: the rest (still tried, last).
-
-Within a tier, `hedge` sorts by current TTFT: the larger of the median over its last few samples
-(forgetting per sample, half-life `order_half_life_samples` = 2) and over the long window
-(`half_life_s`), so a primary that slows down loses its place within its next few answers and keeps that
-verdict until new answers say otherwise, while a speed-up has to convince the long window too
-(`CandidateStats.current_ttft`); divided by the success rate so a candidate that fails often pays
-for it. That holds only for candidates whose evidence is *fresh*: an exact
-first-token sample within the last two half-lives. A candidate without fresh evidence (never measured,
-or measured long ago) is *unknown* and sorts after the known ones, so a stale "fast" estimate cannot pull
-traffic onto a provider that has since slowed down: at 100 req/s, every request would go there before
-its first slow sample came back (the `all-slow` load-test scenario showed exactly that herd).
-Among the known, *current* ones lead first: those whose latest first token is at most
-max(1 s, 4 x their TTFT) old. When every provider slows at once, the leader's slow answers keep it
-current, while a challenger known only from before the slowdown waits until a hedge shows how it
-performs now (in the `all-slow` scenario this took fast's p99 from 524 ms, 12 % over pinned, to parity).
-Unknown candidates are *explored* instead: at most one request per candidate per quarter half-life
-(and none that carries X-GammaInfra-Preference) races it,
-placed second and launched together with the best known candidate (delay 0, paid from the
-hedge budget), so the caller gets the faster of the two and exploration never costs latency; at cold
-start, with nothing known, the explored candidate simply leads.
-That is how a provider that was slow and recovered gets measured again; it also wins fresh
-samples whenever it beats the primary's tail as a hedge. Censored samples keep estimates honest: a
-candidate's cancellations only ever raise its estimate. `cheapest` sorts by blended price; `failover` and
-`auto` keep config (or auto's) order, the less erroring first.
+- **order** (`order` -> `Order`): tier first, then the route's strategy key (`strategy.py`):
+  1. *the probe*: a candidate whose breaker is half-open (backoff over, probe slot free). `order` takes
+     the probe slot and puts it first, because attempt 1 is the only one certain to launch; only one
+     half-open candidate per request is kept, the others are left out of that request. Concurrent
+     requests do not see the slot, so exactly one request probes; a cancelled probe is reported with
+     `on_cancelled(lost=...)` (outrun by the hedge = failed probe, otherwise the slot is freed).
+  2. *healthy*: breaker closed and a recent error rate (trusted from `min_samples` decayed outcomes)
+     below `UNHEALTHY_ERROR_RATE`;
+  3. *erroring*: the rest, still tried, last.
+  For `hedge` the key is the expected TTFT given what is outstanding (`ttft`): the Kaplan-Meier median
+  of the candidate's last few ended attempts *and* its attempts in flight, censored at their age. One
+  rule covers what used to be four: a slowed leader's waiting attempts demote it within about three of
+  its old TTFTs (no silence guard); only an identified median may lead, so a provider promoted on old
+  evidence takes traffic only until its own waiting attempts say otherwise (no freshness or "current"
+  groups); and a recovered provider needs four fast answers to lead (no second window).
+- **exploration** (`_explore`): a healthy non-leading candidate that is unknown, has had no exact
+  answer for a quarter half-life, or is promising (a fresh answer beat the leader's estimate) is raced
+  *beside* the leader from the start (delay 0), so the caller gets the faster of the two and exploring
+  never costs latency. It is paid from the route's exploration bucket (an eighth of `hedge_budget`),
+  so delay hedges cannot starve it; unknown and promising ones may also use the hedge bucket while
+  that is at least half full. Requests with X-GammaInfra-Preference never explore.
+- **delay** (`AdaptiveDelay`): the `policy.hedge_quantile` of the running candidate's TTFT histogram,
+  capped at `TAIL_FACTOR` x its current median, clamped, times the dial factor; **budget**
+  (`request_budget`): whether a delay hedge may be spent.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from .budget import HedgeBudget
 from .catalog import Candidate, Plan
 from .config import FeedbackConfig, RouteConfig
 from .errors import ApiError
 from .health import BreakerState, CircuitBreaker
+from .policy import Estimate, Evidence, RequestBudget, hedge_quantile, latency_bucket, split_budget
 from .race import Failure, FailureKind
 from .stats import CandidateStats
+from .strategy import ERRORING, HEALTHY, PROBE, View, blended_price
+from .strategy import get as get_strategy
+
+__all__ = [
+    "DEFAULT_EAGERNESS",
+    "UNHEALTHY_ERROR_RATE",
+    "AdaptiveDelay",
+    "Feedback",
+    "Order",
+    "apply_preference",
+    "blended_price",
+    "dial_multiplier",
+]
 
 DEFAULT_EAGERNESS = 0.5
 UNHEALTHY_ERROR_RATE = 0.5
 """A candidate failing at least this often (recently, before its first token) sorts after the healthy."""
 
-_PROBE, _HEALTHY, _ERRORING = 0, 1, 2
-
 EXPLORE_EVERY = 0.25
-"""An unknown candidate is explored (raced beside the leader) at most once per this many half-lives."""
+"""A non-leading candidate without an exact answer for this many half-lives is due to be explored."""
 
-RECOVERY_FACTOR = 3.0
-"""The hedge delay never exceeds this multiple of the median of the candidate's last few answers."""
+NEWS = 3
+"""Attempts beyond the long window's median that make a lower bound count against it (`Feedback.ttft`)."""
 
-CURRENT_MIN_S = 1.0
-CURRENT_TTFTS = 4.0
-"""A candidate is *current* while its latest first token is at most max(CURRENT_MIN_S, CURRENT_TTFTS x its
-TTFT) old. Current candidates lead before those whose evidence is older, so a slowdown of the leader
-promotes a challenger only on evidence from after the slowdown (see the module docstring)."""
-
-
-def blended_price(c: Candidate) -> float:
-    """USD per 1M tokens for a typical 3:1 input:output mix: what `cheapest` sorts by."""
-    return (3 * c.model.input_usd_per_mtok + c.model.output_usd_per_mtok) / 4
+TAIL_FACTOR = 3.0
+"""The hedge delay never exceeds this multiple of the candidate's current median (`Feedback.ttft`)."""
 
 
 def dial_multiplier(eagerness: float) -> float:
@@ -98,19 +84,43 @@ def dial_multiplier(eagerness: float) -> float:
     return 2.0 ** (1.0 - 2.0 * eagerness)
 
 
-class AdaptiveDelay:
-    """Hedge delay = q-quantile of the running candidate's recent TTFT, clamped, times the dial factor.
+@dataclass(frozen=True, slots=True)
+class Order:
+    """`Feedback.order`'s answer: the candidates to race, best first, and the one being explored.
 
-    Capped at `RECOVERY_FACTOR` x the median of its last few answers: after a slowdown ends, the long
-    window's tail keeps the old slow answers for about four half-lives, and meanwhile every stall
-    of the recovered provider would wait out the old, long delay.
+    `explore`, when set, is `candidates[1]`: it launches together with the first (delay 0), paid by
+    the exploration already taken in `order`. Iterating, indexing and `len` go to `candidates`.
+    """
+
+    candidates: tuple[Candidate, ...]
+    explore: Candidate | None = None
+
+    def __iter__(self) -> Iterator[Candidate]:
+        return iter(self.candidates)
+
+    def __len__(self) -> int:
+        return len(self.candidates)
+
+    def __getitem__(self, i: int) -> Candidate:
+        return self.candidates[i]
+
+
+class AdaptiveDelay:
+    """Hedge delay = `hedge_quantile(route)` of the running candidate's TTFT, clamped, times the dial.
 
     The quantile comes from the candidate's `CandidateStats` (exact and censored samples, forgetting
     with the configured half-life), `default_delay_ms` while it rests on fewer than `min_samples`.
     Statistics are read as of the request's start: one request sees one consistent picture.
+
+    The long window is the right source for a tail quantile (it needs many samples) but the wrong one
+    after a change: once a provider recovers from 3 s to 0.3 s, its p95 stays at 3 s until the old mass
+    decays below 5 % (over four half-lives), and every stall meanwhile waits out the old delay. So the
+    delay is capped at `TAIL_FACTOR` x the current median, the same evidence the order uses. A leader
+    that slowed down is hedged at its old, short delay until the order moves it (within a TTFT or two):
+    the order is the free remedy, hedges are the paid one, and the budget caps what they cost meanwhile.
     """
 
-    __slots__ = ("_cands", "_default", "_fb", "_hi", "_lo", "_mult", "_now", "_q", "_zero_first")
+    __slots__ = ("_cands", "_fb", "_hi", "_lo", "_memo", "_mult", "_now", "_q", "_zero_first", "default")
 
     def __init__(
         self,
@@ -125,23 +135,28 @@ class AdaptiveDelay:
         self._fb = fb
         self._zero_first = zero_first
         self._cands = candidates
-        self._q = route.quantile
+        self._q = hedge_quantile(route)
         self._lo = route.min_delay_ms / 1000
         self._hi = route.max_delay_ms / 1000
-        self._default = route.default_delay_ms / 1000
+        self.default = route.default_delay_ms / 1000
         self._mult = dial_multiplier(eagerness)
         self._now = now
+        self._memo: dict[int, float] = {}  # candidate -> estimate (one request, one picture)
 
     def _estimate(self, candidate: int) -> float:
-        s = self._fb.stats(self._cands[candidate])
-        est = s.ttft_quantile(self._q, self._now)
+        est = self._memo.get(candidate)
         if est is None:
-            return self._default
-        recent = s.recent.quantile(0.5, s.samples)
-        if recent is not None and recent * RECOVERY_FACTOR < est:
-            # the last answers are far faster than the long window's tail says: the candidate has
-            # recovered and the old slow data has not decayed yet (that takes ~4 half-lives for a p95)
-            return recent * RECOVERY_FACTOR
+            est = self._memo[candidate] = self._compute(candidate)
+        return est
+
+    def _compute(self, candidate: int) -> float:
+        c = self._cands[candidate]
+        est = self._fb.stats(c).ttft_quantile(self._q, self._now)
+        if est is None:
+            return self.default
+        now, e = self._fb.ttft(c, self._now)
+        if now is not None and not e.lower_bound and now * TAIL_FACTOR < est:
+            return now * TAIL_FACTOR
         return est
 
     def delay(self, candidate: int) -> float | None:
@@ -151,26 +166,15 @@ class AdaptiveDelay:
         return min(self._hi, max(self._lo, self._estimate(candidate) * self._mult))
 
     def base_delay(self, candidate: int) -> float:
-        """The delay at the default dial: the route's current delay for `candidate`, for the gauge.
-
-        Per-request dials are left out so the `hedge_hedge_delay_seconds` gauge shows what the route
-        has learned, not which caller came last.
-        """
+        """The delay at the default dial: the route's current delay for `candidate`, for the gauge."""
         return min(self._hi, max(self._lo, self._estimate(candidate)))
 
 
-class Ordered(list[Candidate]):
-    """`Feedback.order`'s answer: the candidates, and whether the second one is there to be explored."""
-
-    explore_second: bool = False
-
-
 class Feedback:
-    """Per-candidate statistics and breakers, per-route budgets, and the decisions made from them.
+    """Per-candidate statistics, evidence and breakers, per-route budgets, and the decisions made from them.
 
     The proxy keeps two of these *lanes*, one for streaming and one for non-streaming requests,
-    because their "first token" means different things (the first content event vs the whole body):
-    mixed in one histogram, long bodies would inflate the streams' hedge delay and distort the order.
+    because their "first token" means different things (the first content event vs the whole body).
     Health is one thing per provider, so the non-streaming lane shares the streaming lane's breakers
     and budgets (`health_from`).
     """
@@ -178,12 +182,11 @@ class Feedback:
     def __init__(self, cfg: FeedbackConfig, *, health_from: Feedback | None = None) -> None:
         self.cfg = cfg
         self._stats: dict[str, CandidateStats] = {}
+        self._evidence: dict[str, Evidence] = {}
         self._breakers: dict[str, CircuitBreaker] = {} if health_from is None else health_from._breakers
-        self._budgets: dict[str, HedgeBudget] = {} if health_from is None else health_from._budgets
-        self._last_exact: dict[str, float] = {}  # candidate key -> time of its latest first token
-        self._inflight: dict[str, int] = {}  # candidate key -> attempts launched and not yet ended
-        self._waiting_since: dict[str, float] = {}  # candidate key -> no news from it since (while in flight)
-        self._explored: dict[str, float] = {}  # candidate key -> when a request last explored it
+        self._budgets: dict[str, tuple[HedgeBudget, HedgeBudget]] = (
+            {} if health_from is None else health_from._budgets
+        )
 
     # ----------------------------------------------------------------------------------- state
 
@@ -197,6 +200,12 @@ class Feedback:
             )
         return s
 
+    def evidence(self, c: Candidate) -> Evidence:
+        e = self._evidence.get(c.key)
+        if e is None:
+            e = self._evidence[c.key] = Evidence()
+        return e
+
     def breaker(self, c: Candidate) -> CircuitBreaker:
         b = self._breakers.get(c.key)
         if b is None:
@@ -207,11 +216,23 @@ class Feedback:
             )
         return b
 
-    def budget(self, route: RouteConfig) -> HedgeBudget:
+    def _buckets(self, route: RouteConfig) -> tuple[HedgeBudget, HedgeBudget]:
         b = self._budgets.get(route.name)
         if b is None:
-            b = self._budgets[route.name] = HedgeBudget(route.hedge_budget, burst=route.hedge_burst)
+            b = self._budgets[route.name] = split_budget(route)
         return b
+
+    def budget(self, route: RouteConfig) -> HedgeBudget:
+        """The route's delay-hedge bucket (7/8 of `hedge_budget`; `spent`/`refusals` are its counters)."""
+        return self._buckets(route)[0]
+
+    def explore_budget(self, route: RouteConfig) -> HedgeBudget:
+        """The route's exploration bucket (1/8 of `hedge_budget`)."""
+        return self._buckets(route)[1]
+
+    def in_flight(self) -> dict[str, int]:
+        """Attempts launched and not yet reported ended, per candidate key (0 when all is told)."""
+        return {k: e.pending for k, e in self._evidence.items()}
 
     def circuit_states(self, now: float) -> dict[str, BreakerState]:
         return {k: b.state(now) for k, b in self._breakers.items()}
@@ -223,15 +244,35 @@ class Feedback:
             return 0.0
         return s.error_rate(now)
 
+    def ttft(self, c: Candidate, now: float) -> tuple[float | None, Estimate]:
+        """Expected TTFT given what is outstanding (None: unknown), and the evidence behind it.
+
+        The Kaplan-Meier median of the last few ended attempts plus those in flight (`Evidence`). When
+        that median is not identified (mostly waiting or cancelled attempts, or too few exact answers),
+        the long window's median stands in for it (without one the candidate is unknown), unless at
+        least `NEWS` of the kept attempts took longer than that median: then the bound is news (a
+        slowdown) and counts. A hedge target loses most races early and has one attempt in flight now
+        and then; that one attempt's age is no reason to rank it behind a slower backup.
+        """
+        e = self.evidence(c).estimate(now)
+        if e.ttft is None or not e.lower_bound:
+            return e.ttft, e
+        long = self.stats(c).expected_ttft(now)
+        if long is None:
+            return None, e  # "at least t" and nothing else: unknown (explored, not ranked)
+        if long < e.ttft and self.evidence(c).beyond(long, now) >= NEWS:
+            return e.ttft, e
+        return long, e
+
     # ------------------------------------------------------------------------------- decisions
 
     def order(
         self, plan: Plan, now: float, preference: Sequence[str] = (), candidates: Sequence[Candidate] = ()
-    ) -> list[Candidate]:
+    ) -> Order:
         """The candidates to race, best first (see the module docstring); 503 when all are cooling down.
 
-        Not a pure query: when a half-open candidate leads, this takes its probe slot, so call it once
-        per request and launch the first candidate it returns.
+        Not a pure query: it takes a half-open candidate's probe slot when that leads, and the
+        exploration token when it explores, so call it once per request and race what it returns.
         """
         cands = list(candidates or plan.candidates)
         available = [c for c in cands if self.breaker(c).available(now)]
@@ -244,153 +285,123 @@ class Feedback:
                 code="providers_unavailable",
                 headers={"Retry-After": str(max(1, round(retry)))},
             )
+        strategy = get_strategy(plan.strategy)
         index = {c.endpoint: i for i, c in enumerate(cands)}
         probing = {c.key for c in available if self.breaker(c).state(now) is not BreakerState.CLOSED}
-        rates = {c.key: self.error_rate(c, now) for c in available}
-
-        def tier(c: Candidate) -> int:
-            if c.key in probing:
-                return _PROBE
-            return _ERRORING if rates[c.key] >= UNHEALTHY_ERROR_RATE else _HEALTHY
-
-        strategy = plan.strategy
-        explore: Candidate | None = None
-        if strategy == "hedge":
-            fresh_s = 2.0 * self.cfg.half_life_s
-            known: dict[str, float | None] = {}
-            age: dict[str, float] = {}  # since the candidate's latest first token
-            for c in available:
-                age[c.key] = now - self._last_exact.get(c.key, -math.inf)
-                known[c.key] = None if age[c.key] > fresh_s else self.stats(c).current_ttft(now)
-            silent = {c.key for c in available if self.silent(c, now, plan.route)}
-
-            def current(c: Candidate) -> bool:
-                est = known[c.key]
-                return est is not None and age[c.key] <= max(CURRENT_MIN_S, CURRENT_TTFTS * est)
-
-            def key(c: Candidate) -> tuple[float, ...]:
-                est = known[c.key]
-                if est is None or c.key in silent:
-                    return (tier(c), 1, math.inf, index[c.endpoint])
-                group = 0 if current(c) else 1
-                return (tier(c), group, est / max(0.1, 1.0 - rates[c.key]), index[c.endpoint])
-
-        elif strategy == "cheapest":
-
-            def key(c: Candidate) -> tuple[float, ...]:
-                return (tier(c), blended_price(c), index[c.endpoint])
-
-        else:  # failover / auto: config (or auto's) order, the less erroring first
-
-            def key(c: Candidate) -> tuple[float, ...]:
-                return (tier(c), round(rates[c.key], 1), index[c.endpoint])
-
-        available.sort(key=key)
-        if strategy == "hedge" and not preference:  # the caller's own order gets no extra attempts
-            explore = self._pick_explore(available, known, silent, tier, now)
-        if explore is not None:
-            self._explored[explore.key] = now
-            # explore by racing, not by leading: right behind the leader, launched with it (delay 0,
-            # see AdaptiveDelay), so the caller gets the faster of the two and never waits on a
-            # guess; at cold start, with nothing known, the explored candidate simply leads
-            rest = [c for c in available if c is not explore]
-            first = rest[0] if rest else None
-            keep_first = first is not None and (
-                tier(first) == _PROBE or (known[first.key] is not None and first.key not in silent)
-            )  # a probe, or a known leader, keeps its place; the explored one races beside it
-            available = [rest[0], explore, *rest[1:]] if keep_first else [explore, *rest]
+        views: dict[str, View] = {}
+        for c in available:
+            rate = self.error_rate(c, now)
+            tier = PROBE if c.key in probing else ERRORING if rate >= UNHEALTHY_ERROR_RATE else HEALTHY
+            ttft, est = self.ttft(c, now) if strategy.needs_latency else (None, _NO_ESTIMATE)
+            views[c.key] = View(c, index[c.endpoint], tier, rate, ttft, est)
+        available = [v.candidate for v in strategy.rank([views[c.key] for c in available])]
+        explore = None
+        if strategy.hedges and not preference and len(available) > 1 and available[0].key not in probing:
+            # (never beside a probe: an explored attempt that outran it would fail the probe)
+            explore = self._explore(plan.route, available, views, now)
+            if explore is not None:
+                available.remove(explore)
+                available.insert(1, explore)
         if preference:
             available = apply_preference(available, preference)
-        out = Ordered()
+        out: list[Candidate] = []
         for c in available:
             # a half-open candidate goes only as attempt 1, the one launch that is certain
             if c.key in probing and (out or not self.breaker(c).acquire(now)):
                 continue
             out.append(c)
-        out.explore_second = explore is not None and len(out) > 1 and out[1] is explore
-        return out
+        if explore is not None and (len(out) < 2 or out[1] is not explore):
+            explore = None  # unreachable in practice (the leader is never the one left out)
+        return Order(tuple(out), explore)
 
-    def _pick_explore(
-        self,
-        ordered: list[Candidate],
-        known: dict[str, float | None],
-        silent: set[str],
-        tier: Callable[[Candidate], int],
-        now: float,
+    def _explore(
+        self, route: RouteConfig, ordered: list[Candidate], views: dict[str, View], now: float
     ) -> Candidate | None:
-        """The candidate this request should measure, if any (at most one per EXPLORE_EVERY half-lives
-        each): one with no fresh evidence, or one whose last few answers beat the leader's estimate
-        while its long window still remembers it slower (a provider that recovered: racing it is how
-        its long window learns, where it would otherwise wait for old data to decay)."""
-        lead = ordered[0] if ordered and known[ordered[0].key] is not None else None
-        lead_est = known[lead.key] if lead is not None else None
-        for c in ordered:
-            if c is lead or tier(c) != _HEALTHY or c.key in silent:
+        """The candidate this request should measure beside the leader, if any, with its token taken.
+
+        Due: healthy, not the leader, and unknown, or promising (its latest exact answer is in a faster
+        latency bucket than the leader's estimate, it arrived within the last `EXPLORE_EVERY`
+        half-lives, and its own median is not identified: confirm it now), or without an exact answer for
+        `EXPLORE_EVERY` half-lives; in that order. None while the leader itself is unknown (cold start:
+        it is being measured as it serves). Paid from the exploration bucket; unknown and promising
+        ones, when that is empty, from the hedge bucket while it is at least half full (a stale one
+        can wait: what stalls need is not spent on routine refreshes).
+        """
+        lead = views[ordered[0].key]
+        if lead.ttft is None:
+            return None  # nothing known yet: the leader is itself being measured, at no extra cost
+        lead_b = latency_bucket(lead.ttft)
+        stale_s = self.cfg.half_life_s * EXPLORE_EVERY
+        best: tuple[float, ...] | None = None
+        pick: Candidate | None = None
+        for c in ordered[1:]:
+            v = views[c.key]
+            if v.tier != HEALTHY:
                 continue
-            if now - self._explored.get(c.key, -math.inf) < self.cfg.half_life_s * EXPLORE_EVERY:
+            ev = self.evidence(c)
+            # an attempt cancelled early says little: staleness counts from the latest exact answer
+            last = -math.inf if ev.last_exact_at is None else ev.last_exact_at
+            if v.ttft is None:
+                rank: tuple[float, ...] = (0, v.index)
+            elif (
+                v.estimate.lower_bound  # its own answers do not say otherwise yet
+                and ev.last_exact is not None
+                and now - last < stale_s  # fresh news, not an old lucky answer
+                and latency_bucket(ev.last_exact) < lead_b
+            ):
+                rank = (1, ev.last_exact / lead.ttft)  # the more promising first
+            elif now - last >= stale_s:
+                rank = (2, last)
+            else:
                 continue
-            if known[c.key] is None:
-                return c
-            recent = self.stats(c).recent_ttft()
-            if lead_est is not None and recent is not None and recent < lead_est:
-                return c
+            if best is None or rank < best:
+                best, pick = rank, c
+        if pick is None or best is None:
+            return None
+        hedges, explores = self._buckets(route)
+        if explores.tokens >= 1.0:
+            explores.try_spend()
+            return pick
+        if best[0] < 2 and hedges.tokens >= hedges.burst / 2 and hedges.tokens >= 1.0:
+            hedges.try_spend()  # unknown or promising, and the hedge bucket has room: do not wait
+            return pick
         return None
 
     def delay_policy(
-        self, plan: Plan, candidates: Sequence[Candidate], now: float, eagerness: float
+        self, plan: Plan, candidates: Order | Sequence[Candidate], now: float, eagerness: float
     ) -> AdaptiveDelay | None:
-        """The hedge delays for one request; None (no delay-triggered hedges) unless hedging and x > 0.
-
-        When `order` put a candidate to explore second, the second attempt launches at once (delay 0;
-        it still spends a hedge-budget token, so exploration is bounded by the budget too)."""
-        if plan.strategy != "hedge" or eagerness <= 0.0:
+        """The hedge delays for one request; None (no delay-triggered hedges) unless the strategy hedges
+        and x > 0. When `order` chose a candidate to explore, the second attempt launches at once."""
+        if not get_strategy(plan.strategy).hedges or eagerness <= 0.0:
             return None
-        zero_first = bool(getattr(candidates, "explore_second", False))
-        return AdaptiveDelay(self, plan.route, candidates, now, eagerness, zero_first=zero_first)
+        if isinstance(candidates, Order):
+            explore, cands = candidates.explore is not None, candidates.candidates
+        else:
+            explore, cands = False, tuple(candidates)
+        return AdaptiveDelay(self, plan.route, cands, now, eagerness, zero_first=explore)
 
-    def silent(self, c: Candidate, now: float, route: RouteConfig) -> bool:
-        """No news from `c` for longer than its own 90th-percentile TTFT while attempts wait on it.
-
-        The earliest sign that a provider slowed down: its unanswered attempts age before any slow
-        answer can come back. A silent candidate cannot lead (it sorts with the unknown, after the
-        known ones), so a slowdown moves traffic within one p90 instead of after the slow answers,
-        and a provider promoted on old evidence takes only what arrives in that window before it is
-        silent in turn. O(1): one timestamp per candidate, set by launches and cleared by news.
-        """
-        since = self._waiting_since.get(c.key)
-        if since is None:
-            return False
-        limit = self.stats(c).ttft_quantile(0.9, now)
-        return now - since > (route.default_delay_ms / 1000 if limit is None else limit)
+    def request_budget(self, route: RouteConfig, order: Order | None = None) -> RequestBudget:
+        """One request's hedge budget: deposits its share in both buckets; an exploration that `order`
+        already paid for makes the race's first delay launch free."""
+        hedges, explores = self._buckets(route)
+        hedges.on_request()
+        explores.on_request()
+        return RequestBudget(hedges, prepaid=int(order is not None and order.explore is not None))
 
     # ---------------------------------------------------------------------------------- events
 
     def on_launch(self, c: Candidate, now: float) -> None:
-        """An attempt on `c` started: if nothing else was waiting on `c`, the wait starts now."""
-        k = c.key
-        n = self._inflight.get(k, 0)
-        self._inflight[k] = n + 1
-        if n == 0:
-            self._waiting_since[k] = now
+        """An attempt on `c` started: it is evidence from now on (see `Evidence`)."""
+        self.evidence(c).launched(now)
 
-    def _ended(self, c: Candidate, now: float, news: bool) -> None:
-        k = c.key
-        n = self._inflight.get(k, 0) - 1
-        if n <= 0:
-            self._inflight[k] = 0
-            self._waiting_since.pop(k, None)
-        else:
-            self._inflight[k] = n
-            if news:  # an answer (or a failure) arrived: the others have waited only since now
-                self._waiting_since[k] = now
-
-    def on_first_token(self, c: Candidate, ttft: float, now: float) -> None:
+    def on_first_token(
+        self, c: Candidate, ttft: float, now: float, *, launched_at: float | None = None
+    ) -> None:
         """An attempt produced its first token `ttft` s after launch: an exact sample and a success."""
         s = self.stats(c)
         s.record_first_token(ttft, now)
         s.record_success(now)
-        self._last_exact[c.key] = now
-        self._ended(c, now, news=True)
+        self.evidence(c).answered(ttft, now, launched_at)
         self.breaker(c).on_success(now)
 
     def on_failure(
@@ -400,7 +411,7 @@ class Feedback:
 
         `launched_at` lets the breaker tell its half-open probe from a straggler launched before it.
         """
-        self._ended(c, now, news=True)
+        self.evidence(c).failed(now, launched_at)
         if failure.kind is FailureKind.CALLER:
             return  # the request was bad, the provider was fine
         self.stats(c).record_failure(now)
@@ -421,13 +432,16 @@ class Feedback:
         left or another attempt's 4xx ended the race); only a half-open probe's breaker cares, and
         `launched_at` tells it whether this attempt can be its probe.
         """
-        self._ended(c, now, news=False)
+        self.evidence(c).cancelled(elapsed, now, launched_at)
         self.stats(c).record_censored(elapsed, now)
         self.breaker(c).on_cancelled(now, lost=lost, launched_at=launched_at)
 
     def on_complete(self, c: Candidate, duration: float, now: float) -> None:
         """The winner's stream (or body) completed after `duration` s."""
         self.stats(c).record_total(duration, now)
+
+
+_NO_ESTIMATE = Estimate(None, False, 0, 0)
 
 
 def apply_preference(cands: list[Candidate], preference: Sequence[str]) -> list[Candidate]:

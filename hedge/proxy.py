@@ -26,12 +26,13 @@ from .auth import KeyChecker
 from .autoroute import choose_chain, classify
 from .catalog import Candidate, Catalog, Plan
 from .errors import ApiError, sse_error_event
-from .feedback import DEFAULT_EAGERNESS, Feedback
+from .feedback import DEFAULT_EAGERNESS, Feedback, Order
 from .metrics import Metrics
 from .race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Reject
 from .request import ChatRequest, parse_chat_request, parse_cost_quality, parse_preference
 from .secrets import Scrubber
 from .sse import TOKEN, FirstTokenDetector, StreamError
+from .strategy import get as get_strategy
 from .upstream import Response, UpstreamClient, UpstreamError, UpstreamTimeout, make_client
 
 log = logging.getLogger("hedge.proxy")
@@ -114,9 +115,17 @@ class Proxy:
                 h["Authorization"] = f"Bearer {key}"
             self._headers[name] = h
         self.tasks: set[asyncio.Task] = set()  # live attempt tasks, for leak tests
+        m = self.metrics
         for route in self.config.routes.values():
-            if route.strategy == "hedge":
-                self.metrics.hedge_budget.labels(route.name).set(route.hedge_budget)
+            # every dashboard series exists from start-up, at 0, instead of "No data" until it first moves
+            m.hedges.labels(route.name, "error")
+            if get_strategy(route.strategy).hedges:
+                m.hedge_budget.labels(route.name).set(route.hedge_budget)
+                m.budget_refusals.labels(route.name)
+                m.hedges.labels(route.name, "delay")
+                m.hedges.labels(route.name, "explore")
+        for c in catalog.all_candidates():
+            m.attempts.labels(c.provider.name, c.upstream_model, "failed")
 
     def lane(self, stream: bool) -> Feedback:
         """The feedback lane for this kind of request (see `Feedback`)."""
@@ -168,7 +177,7 @@ class Proxy:
         route[0] = plan.name
         dial = parse_cost_quality(request.headers.get("X-GammaInfra-Cost-Quality"))
         pref = parse_preference(request.headers.get("X-GammaInfra-Preference"), self._known_prefs)
-        task = classify(req) if plan.strategy == "auto" else None
+        task = classify(req) if get_strategy(plan.strategy).classifies else None
         cands = self._fit(plan, req, dial, task)
 
         self.inflight += 1
@@ -222,7 +231,7 @@ class Proxy:
         request: web.Request,
         req: ChatRequest,
         plan: Plan,
-        cands: list[Candidate],
+        order: Order,
         dial: float | None,
         t_in: float,
         key_id: str | None,
@@ -231,11 +240,11 @@ class Proxy:
         now = self.clock()
         eagerness = DEFAULT_EAGERNESS if dial is None else dial
         fb = self.lane(req.stream)
-        delays = fb.delay_policy(plan, cands, now, eagerness)
+        cands = list(order.candidates)
+        delays = fb.delay_policy(plan, order, now, eagerness)
         budget = None
         if delays is not None:
-            budget = fb.budget(plan.route)
-            budget.on_request()
+            budget = fb.request_budget(plan.route, order)
             # the route's delay at the default dial
             self.metrics.hedge_delay.labels(plan.name).set(delays.base_delay(0))
         max_attempts = plan.route.max_attempts
@@ -261,7 +270,9 @@ class Proxy:
                     if isinstance(act, Launch):
                         c = cands[act.candidate]
                         if act.reason != "initial":
-                            self.metrics.hedges.labels(plan.name, act.reason).inc()
+                            explored = act.reason == "delay" and act.attempt == 1 and order.explore is c
+                            why = "explore" if explored else act.reason
+                            self.metrics.hedges.labels(plan.name, why).inc()
                         try:
                             payload = orjson.dumps({**body, "model": c.upstream_model})
                         except orjson.JSONEncodeError:  # loads takes any depth, dumps stops at 255
@@ -312,7 +323,7 @@ class Proxy:
                     c = cands[i]
                     att = race.attempts[i]
                     if r.failure is None:
-                        fb.on_first_token(c, r.first_at - att.launched_at, now)
+                        fb.on_first_token(c, r.first_at - att.launched_at, now, launched_at=att.launched_at)
                         self.metrics.upstream_ttft.labels(c.provider.name, c.upstream_model).observe(
                             r.first_at - att.launched_at
                         )
@@ -385,7 +396,7 @@ class Proxy:
                 # feedback must hear how it ended, or it would wait for news of it forever
                 r0 = results[i] = t.result()
                 if r0.failure is None:
-                    fb.on_first_token(c, r0.first_at - att.launched_at, now)
+                    fb.on_first_token(c, r0.first_at - att.launched_at, now, launched_at=att.launched_at)
                 else:
                     fb.on_failure(c, r0.failure, now, launched_at=att.launched_at)
             t.cancel()

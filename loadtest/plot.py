@@ -129,3 +129,68 @@ def plot_run(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+PROVIDER_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
+
+
+def plot_timeline(
+    points: Mapping[str, Sequence[tuple[float, float, str | None]]],
+    delays_ms: Sequence[tuple[float, float]],
+    path: Path,
+    *,
+    title: str,
+    spans: Sequence[tuple[float, float, str]] = (),
+) -> Path | None:
+    """TTFT of every request over time, one panel per mode, colour = the provider that served it; on
+    the fast lane's panel, the proxy's hedge delay (sampled from /metrics) as a line. A slowdown shows
+    as the serving colour changing and the dots climbing, not as a number in a table.
+
+    `points`: mode -> (seconds into the run, TTFT ms, serving provider or None). None (and nothing
+    written) without matplotlib.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    modes = [m for m in points if points[m]]
+    if not modes:
+        return None
+    providers = sorted({p for m in modes for (_, _, p) in points[m] if p is not None})
+    color = {p: PROVIDER_COLORS[i % len(PROVIDER_COLORS)] for i, p in enumerate(providers)}
+    fig, axes = plt.subplots(
+        len(modes), 1, figsize=(12.0, 2.4 * len(modes) + 0.8), sharex=True, squeeze=False
+    )
+    for ax, mode in zip(axes[:, 0], modes, strict=True):
+        for prov in [*providers, None]:
+            pts = [(t, v) for (t, v, p) in points[mode] if p == prov]
+            if pts:
+                ax.scatter(
+                    [t for t, _ in pts], [v for _, v in pts], s=4, lw=0, alpha=0.7,
+                    color=color.get(prov, "#7f7f7f") if prov else "#7f7f7f",
+                    label=prov or "unknown",
+                )  # fmt: skip
+        if mode == "fast" and delays_ms:
+            ax.step([t for t, _ in delays_ms], [d for _, d in delays_ms], where="post", color="black",
+                    lw=1.0, label="hedge delay")  # fmt: skip
+        labelled: set[str] = set()
+        for start, end, label in spans:
+            ax.axvspan(
+                start, end, color="orange", alpha=0.10, lw=0, label=None if label in labelled else label
+            )
+            labelled.add(label)
+        ax.set_yscale("log")
+        _ms_axis(ax.yaxis)
+        ax.set_ylabel(f"{mode}\nTTFT (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="upper left", fontsize=7, markerscale=3, ncol=4)
+    axes[-1, 0].set_xlabel("seconds into the run")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -436,6 +436,32 @@ async def _scrape(session: aiohttp.ClientSession, base: str | None) -> dict[str,
         return {}
 
 
+FAST_ROUTE = "gammainfra/fast"
+
+
+async def _hedge_delay(session: aiohttp.ClientSession, base: str | None) -> float | None:
+    """The proxy's current hedge delay for the fast lane (hedge_hedge_delay_seconds), in seconds."""
+    if base is None:
+        return None
+    try:
+        async with session.get(base.rstrip("/") + "/metrics") as r:
+            text = await r.text() if r.status == 200 else ""
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return None
+    values = parse_metrics(text, ("hedge_hedge_delay_seconds",))
+    return values.get(f"hedge_hedge_delay_seconds{{route={FAST_ROUTE}}}")
+
+
+def served_by(sample: Sample, mode: str, primary: str) -> str | None:
+    """The provider that answered a sample: the endpoint's provider part ("model@provider"), or the
+    primary for `direct` (which calls it alone); None for a failed request."""
+    if sample.ttft is None:
+        return None
+    if sample.endpoint:
+        return sample.endpoint.rpartition("@")[2]
+    return primary if mode == "direct" else None
+
+
 def _stamp() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -529,15 +555,26 @@ async def run(opts: RunOptions) -> dict[str, Any]:
                     last = el
                     print(line, file=sys.stderr)
 
+        delays: list[tuple[float, float]] = []  # (seconds into the run, fast lane's hedge delay in s)
+
+        async def sample_delay() -> None:
+            while True:
+                d = await _hedge_delay(session, proxy_url)
+                if d is not None:
+                    delays.append((time.monotonic() - t_start, d))
+                await asyncio.sleep(0.25)
+
         prog = asyncio.ensure_future(progress()) if opts.progress else None
+        sampler = asyncio.ensure_future(sample_delay()) if "fast" in opts.modes and opts.plot else None
         try:
             await shape(opts.duration)
             unfinished = await driver.drain(opts.timeout + 1.0)
         finally:
-            if prog is not None:
-                prog.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await prog
+            for task in (prog, sampler):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                 if tty:
                     sys.stderr.write(
                         "\r" + driver.progress_line(opts.duration, opts.duration)[:220] + "\x1b[K\n"
@@ -582,10 +619,30 @@ async def run(opts: RunOptions) -> dict[str, Any]:
             png_note = "PNG skipped: matplotlib is not installed (pip install '.[plot]')"
         else:
             doc["files"]["png"] = str(png)
+            from .plot import plot_timeline
+
+            points = {
+                m: [
+                    (s.t, s.ttft * 1000, served_by(s, m, scenario.primary))
+                    for s in driver.states[m].samples
+                    if s.ttft is not None
+                ]
+                for m in opts.modes
+            }
+            tl_png = plot_timeline(
+                points,
+                [(t, d * 1000) for t, d in delays],
+                out / "timeline.png",
+                title=_title(scenario, opts),
+                spans=scenario_spans(scenario, opts.duration),
+            )
+            doc["files"]["timeline_png"] = None if tl_png is None else str(tl_png)
     json_path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     print(render_run(doc))
     print(f"\nJSON: {json_path}")
     print(f"PNG:  {doc['files']['png']}" if doc["files"]["png"] else png_note or "PNG: not requested")
+    if doc["files"].get("timeline_png"):
+        print(f"PNG:  {doc['files']['timeline_png']} (TTFT per request over time, colour = provider)")
     return doc
 
 
@@ -595,6 +652,8 @@ def scenario_spans(s: Scenario, duration: float) -> list[tuple[float, float, str
     for p in s.providers:
         if p.slow_window is not None:
             w = p.slow_window
+            spans.append((w.start * duration, w.end * duration, f"{p.name} x{p.slow_factor:g} TTFT"))
+        for w in p.more_slow_windows:
             spans.append((w.start * duration, w.end * duration, f"{p.name} x{p.slow_factor:g} TTFT"))
         if p.outage is not None:
             spans.append((p.outage.start * duration, p.outage.end * duration, f"{p.name} down"))
@@ -608,7 +667,7 @@ def scenario_spans(s: Scenario, duration: float) -> list[tuple[float, float, str
 
 
 def _varies(s: Scenario) -> bool:
-    return any(p.slow_window or p.bursts or p.outage for p in s.providers)
+    return any(p.slow_window or p.more_slow_windows or p.bursts or p.outage for p in s.providers)
 
 
 def _title(scenario: Scenario, opts: RunOptions) -> str:

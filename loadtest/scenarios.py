@@ -65,6 +65,11 @@ class ProviderPlan:
     slow_factor: float = 1.0
     bursts: ErrorBursts | None = None
     outage: Window | None = None
+    more_slow_windows: tuple[Window, ...] = ()  # further windows with the same slow_factor (flapping)
+
+    def slow_at(self, elapsed: float | None, duration: float) -> bool:
+        windows = (self.slow_window, *self.more_slow_windows)
+        return any(w is not None and w.contains(elapsed, duration) for w in windows)
 
     def behaviour(self, elapsed: float | None, duration: float, rng: random.Random) -> Behaviour:
         """What a request arriving ``elapsed`` seconds into the measurement gets (None = warm-up)."""
@@ -74,7 +79,7 @@ class ProviderPlan:
             headers = self.profile.sample_ttft(rng) * self.profile.headers_delay
             return Behaviour(status=b.status, headers_delay=headers, retry_after=b.retry_after)
         prof = self.profile
-        if self.slow_window is not None and self.slow_window.contains(elapsed, duration):
+        if self.slow_at(elapsed, duration):
             prof = replace(prof, ttft_median=prof.ttft_median * self.slow_factor)
         return prof.sample(rng)
 
@@ -86,8 +91,9 @@ class ProviderPlan:
             parts.append(f"{p.stall_prob:.0%} of requests stall {p.stall_ttft:g} s")
         if p.error_prob:
             parts.append(f"{p.error_prob:.0%} HTTP {p.error_status}")
-        if self.slow_window is not None:
-            parts.append(f"TTFT x{self.slow_factor:g} during {self.slow_window.describe(duration)}")
+        if self.slow_window is not None or self.more_slow_windows:
+            ws = [w for w in (self.slow_window, *self.more_slow_windows) if w is not None]
+            parts.append(f"TTFT x{self.slow_factor:g} during {', '.join(w.describe(duration) for w in ws)}")
         if self.bursts is not None:
             b = self.bursts
             parts.append(
@@ -170,6 +176,41 @@ SCENARIOS: dict[str, Scenario] = {
             "outage",
             "the primary refuses connections (and drops open ones) in the middle of the run",
             _trio(ProviderPlan("alpha", ALPHA, outage=MIDDLE)),
+        ),
+        Scenario(
+            "slowdown",
+            "the primary goes 10x slower for good at 40 %, after a restart (connections refused 1 %)",
+            _trio(
+                ProviderPlan(
+                    "alpha", ALPHA, slow_window=Window(0.41, 1.0), slow_factor=10.0, outage=Window(0.40, 0.41)
+                )
+            ),
+        ),
+        Scenario(
+            "flapping",
+            "the primary is 10x slower in every other tenth of the run",
+            _trio(
+                ProviderPlan(
+                    "alpha",
+                    ALPHA,
+                    slow_factor=10.0,
+                    more_slow_windows=tuple(Window(k / 10, (k + 1) / 10) for k in (1, 3, 5, 7, 9)),
+                )
+            ),
+        ),
+        Scenario(
+            "recovery",
+            "gamma, the fastest (25 ms), is 40x slower for the first half, then recovers",
+            _trio(
+                gamma=ProviderPlan(
+                    "gamma", replace(GAMMA, ttft_median=0.025), slow_window=Window(0.0, 0.5), slow_factor=40.0
+                )
+            ),
+        ),
+        Scenario(
+            "erroring",
+            "the primary fails 30 % of its requests with HTTP 503",
+            _trio(ProviderPlan("alpha", replace(ALPHA, error_prob=0.3, error_status=503))),
         ),
         Scenario(
             "all-slow",

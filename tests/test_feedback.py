@@ -17,6 +17,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ import pytest
 from hedge.catalog import Candidate, Catalog, Plan
 from hedge.config import parse_config
 from hedge.errors import ApiError
-from hedge.feedback import Feedback, dial_multiplier
+from hedge.feedback import Feedback, Order, dial_multiplier
 from hedge.health import BreakerState
 from hedge.race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Reject
 from hedge.request import parse_cost_quality, parse_preference
@@ -34,6 +35,24 @@ from .conftest import raw_config
 
 ROUTE = "gammainfra/fast"
 CONNECT = Failure(FailureKind.RETRYABLE, "connect")
+
+# The fake-clock figures README.md quotes ("Measured with a fake clock"), pinned here to +-10 % so the
+# README and the code cannot drift apart: change the policy, and these (and the README) must follow.
+README_FIGURES: dict[str, float] = {
+    "order flips to the faster provider (s)": 1.0,
+    "order flips back after the recovery (s)": 2.3,
+    "delay reaches 2.5 s after the slowdown (s)": 4.1,
+    "delay back under 1 s after the recovery (s)": 2.9,
+    "delay back to 0.35 s after the recovery (s)": 45.9,
+    "all-slow extra attempts": 200,
+    "all-slow bound": 207,
+    "all-slow extra attempts without a budget": 2418,
+}
+
+
+def pinned(name: str, measured: float) -> None:
+    want = README_FIGURES[name]
+    assert abs(measured - want) <= 0.1 * want, f"{name}: measured {measured}, README says {want}"
 
 
 # ------------------------------------------------------------------------------------------ the sim
@@ -54,7 +73,7 @@ Script = Callable[[str, float], Answer]  # (provider name, launch time) -> Answe
 class Req:
     arrival: float
     race: Race | None = None
-    cands: list[Candidate] = field(default_factory=list)
+    cands: Order = field(default_factory=lambda: Order(()))
     launches: list[tuple[str, str, float]] = field(default_factory=list)  # (provider, reason, at)
     winner: str | None = None
     ttft: float | None = None  # client-visible
@@ -136,8 +155,7 @@ class Sim:
         delays = self.fb.delay_policy(self.plan, r.cands, now, dial)
         budget = None
         if delays is not None:
-            budget = self.fb.budget(self.plan.route)
-            budget.on_request()  # once per request, as the proxy does
+            budget = self.fb.request_budget(self.plan.route, r.cands)  # once per request, as the proxy
         r.race = Race(len(r.cands), max_attempts=self.plan.route.max_attempts, delays=delays, budget=budget)
         self._apply(r, r.race.start(now))
 
@@ -287,6 +305,9 @@ def test_hedge_delay_follows_a_primary_from_300ms_to_3s_and_back() -> None:
         f"<= 1 s within {near:.1f} s, back to 0.35 s {down:.1f} s after"
     )
     assert near < 5.0
+    pinned("delay reaches 2.5 s after the slowdown (s)", up)
+    pinned("delay back under 1 s after the recovery (s)", near)
+    pinned("delay back to 0.35 s after the recovery (s)", down)
     # "within seconds" at the default half-life of 10 s: up in a few seconds (every answer above the
     # delay is news), down within ~5 half-lives (3 s mass must decay below 5 % of the weight)
     assert up < 15.0
@@ -351,6 +372,8 @@ def test_order_flips_to_the_faster_provider_and_back() -> None:
     to_b = flip_time(60.0, "b")
     back = flip_time(120.0, "a")
     print(f"\norder: flips to b {to_b:.1f} s after a slows down, back to a {back:.1f} s after it recovers")
+    pinned("order flips to the faster provider (s)", to_b)
+    pinned("order flips back after the recovery (s)", back)
     assert share(30.0, 60.0, "a") >= 0.95  # learned: a is the faster one
     # the order follows the decayed *median*: it flips once the slow answers outweigh the fast ones
     # still remembered, i.e. about one half-life (10 s) plus the 3 s it takes to see a slow answer
@@ -376,13 +399,20 @@ def test_config_order_breaks_ties_and_unknown_sorts_first() -> None:
     # the caller never waits on a guess); then by expected TTFT
     explored = fb.order(plan, 4.5)
     assert [c.provider.name for c in explored] == ["b", "c", "a"]
-    assert explored.explore_second
+    assert explored.explore is sim.cand("c")
     d = fb.delay_policy(plan, explored, 4.5, 0.5)
     assert d is not None and d.delay(0) == 0.0  # the second attempt starts at once
-    # the next request (within the exploration interval): c, still unknown, sorts after the known ones
-    again = fb.order(plan, 4.501)
+    # exploring is paid from its own bucket (burst 2): one more request explores c, then it is empty;
+    # with the hedge bucket below half full too, c, still unknown, sorts after the known ones
+    assert fb.order(plan, 4.501).explore is sim.cand("c")
+    hedges = fb.budget(plan.route)
+    while hedges.tokens >= hedges.burst / 2:
+        assert hedges.try_spend()
+    again = fb.order(plan, 4.502)
     assert [c.provider.name for c in again] == ["b", "a", "c"]
-    assert not again.explore_second
+    assert again.explore is None
+    plain = fb.delay_policy(plan, again, 4.502, 0.5)
+    assert plain is not None and plain.delay(0) > 0.0
 
 
 def test_erroring_provider_sorts_after_the_healthy_ones() -> None:
@@ -592,9 +622,11 @@ def test_budget_holds_when_every_provider_is_slow_at_once() -> None:
     slow = [r for r in reqs if r.arrival >= 20.0]
     n, n_slow = len(reqs), len(slow)
     extra, extra_slow = extra_attempts(reqs), extra_attempts(slow)
-    budget = sim.fb.budget(sim.plan.route)
-    # no errors here, so every extra attempt is a delay hedge paid from the bucket
-    assert extra == extra_attempts(reqs, "delay") == budget.spent
+    budget, explore = sim.fb.budget(sim.plan.route), sim.fb.explore_budget(sim.plan.route)
+    # no errors here, so every extra attempt is a delay hedge or an exploration, paid from the buckets
+    # (3/4 and 1/4 of the ratio, bursts `burst` and 2)
+    burst += explore.burst
+    assert extra == extra_attempts(reqs, "delay") == budget.spent + explore.spent
     assert extra <= ratio * n + burst
     assert extra_slow <= ratio * n_slow + burst
     # in any time window, not just in total: hedges launched <= burst + deposits (one per arrival)
@@ -612,6 +644,18 @@ def test_budget_holds_when_every_provider_is_slow_at_once() -> None:
     )
     assert budget.refusals > 0
     assert free_extra > ratio * n_slow + burst  # without it the bound would not have held
+    pinned("all-slow extra attempts", extra_slow)
+    pinned("all-slow bound", ratio * n_slow + burst)
+    pinned("all-slow extra attempts without a budget", free_extra)
+
+
+def test_readme_quotes_the_pinned_figures() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("Measured with a fake clock")
+    para = readme[start : readme.index("\n\n", start)]
+    for name, value in README_FIGURES.items():
+        text = f"{value:g}"
+        assert text in para, f"README's fake-clock paragraph does not quote {name} = {text}"
 
 
 # --------------------------------------------------------------------------------- censoring

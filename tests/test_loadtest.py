@@ -394,3 +394,30 @@ def test_smoke_overhead(tmp_path: Path) -> None:
     )
     assert all(isinstance(c["pass"], bool) for c in p["derived"]["checks"])
     assert doc["memory"]["hedge"]["peak_rss_mb"] > 0 and doc["memory"]["baseline"]["peak_rss_mb"] > 0
+
+
+def test_timeline_plot_colours_by_provider(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from loadtest.plot import plot_timeline
+    from loadtest.run import Sample, served_by
+
+    pts = {
+        "fast": [(t * 0.1, 50.0 + t, "alpha" if t < 50 else "beta") for t in range(100)],
+        "direct": [(t * 0.1, 50.0, "alpha") for t in range(100)],
+    }
+    path = plot_timeline(
+        pts, [(0.0, 80.0), (5.0, 120.0)], tmp_path / "t.png", title="t", spans=[(5, 10, "x")]
+    )
+    assert path is not None and path.stat().st_size > 1000
+    ok = Sample(1, 0.0, 0.0, 0.05, 0.2, None, "m@beta")
+    assert served_by(ok, "fast", "alpha") == "beta"
+    assert served_by(Sample(1, 0.0, 0.0, 0.05, 0.2, None, None), "direct", "alpha") == "alpha"
+    assert served_by(Sample(1, 0.0, 0.0, None, None, "reset", None), "fast", "alpha") is None
+
+
+def test_issue_9_scenarios_are_there() -> None:
+    for name in ("slowdown", "flapping", "recovery", "erroring"):
+        s = get(name)
+        assert s.describe(30.0)
+    flap = get("flapping").providers[0]
+    assert [flap.slow_at(t, 10.0) for t in (0.5, 1.5, 2.5, 3.5)] == [False, True, False, True]

@@ -198,13 +198,10 @@ async def settle(px: Any, providers: list[SimProvider]) -> None:
         len(proxy.tasks),
     )
     assert await eventually(lambda: proxy.upstream.busy_connections() == 0, timeout=5)
-    # the feedback's in-flight bookkeeping balances: a leaked count would leave a provider "silent"
-    # (waiting for news that never comes) and unable to lead the race ever again
+    # the feedback's in-flight bookkeeping balances: a leaked waiting attempt would count as ever older
+    # evidence that its provider is slow, and keep it from leading the race again
     for lane in (proxy.feedback, proxy.feedback_json):
-        assert not any(lane._inflight.values()) and not lane._waiting_since, (
-            lane._inflight,
-            lane._waiting_since,
-        )
+        assert not any(lane.in_flight().values()), lane.in_flight()
     # every connection a provider still has open is one the proxy keeps idle for reuse
     assert await eventually(
         lambda: sum(p.open_connections() for p in providers) <= proxy.upstream.pool_size(), timeout=5

@@ -1,0 +1,223 @@
+"""The hedge policy's evidence and its one load knob (sans-IO; every method takes `now`).
+
+Three rules replace the old stack of special cases (silence guard, current/fresh groups, recovery cap,
+two windows):
+
+1. **In-flight attempts are evidence.** Per candidate, `Evidence` keeps its last `EVIDENCE_N` ended
+   attempts (an exact TTFT, or "more than t" for one cancelled after t) *and* the launch times of the
+   attempts still waiting. At decision time an attempt that has
+   waited t counts as a censored observation "TTFT > t", and the estimate is the Kaplan-Meier median
+   over all of them. A provider that slowed 10x therefore looks slow once a few of its waiting
+   attempts are older than its old median, one to two of its old TTFTs after the change, before any
+   slow answer comes back and however many pre-change answers trickle in. A stall on a few % of
+   requests is one waiting attempt among many answers, and moves the median by at most one rank.
+2. **Load-aware order** (`strategy.Fastest`): rank by that estimate, which already conditions on what
+   is outstanding; at equal latency (same histogram bucket) the candidate with fewer attempts in
+   flight leads, as in Finagle's peak-EWMA x (pending + 1) balancer. Unlike Finagle, pending attempts
+   raise the cost only through the evidence they carry: an LLM API is not a single-server queue, and
+   a pending count alone would push traffic off the fastest provider in a steady state.
+3. **One knob for load** (`hedge_quantile`, `split_budget`): the route's `hedge_budget` b is split
+   into 7b/8 for delay hedges and b/8 for exploration, and the hedge delay sits at the 1 - b/2
+   quantile, so delay hedges are *demanded* at b/2 per request against 7b/8 deposited. The bucket
+   then rarely runs dry in a steady state (no coin-flip tails), and exploration has its own share
+   that hedges cannot starve.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from math import log
+
+from .budget import HedgeBudget
+from .config import RouteConfig
+
+EVIDENCE_N = 7
+"""Ended attempts kept per candidate: few enough that four fresh answers outvote the old ones (a
+recovered provider leads again after four fast answers, which exploration collects within a few
+requests), enough that two or three stalls among them cannot demote a leader."""
+
+MIN_EXACT = 4
+"""A median is identified only when it rests on at least this many exact answers (a majority of the
+kept attempts). A hedge target loses most races early, and one lucky answer among four early
+cancellations would otherwise pass for its median."""
+
+PENDING_MAX = 32
+"""At most this many of the oldest waiting attempts enter an estimate (the young ones barely matter)."""
+
+HEDGE_DEMAND = 0.5
+"""Delay hedges are aimed at this share of the budget (the delay's quantile is 1 - HEDGE_DEMAND x b)."""
+
+EXPLORE_SHARE = 0.125
+"""This share of the budget is kept for exploration; delay hedges get the rest."""
+
+EXPLORE_BURST = 2.0
+"""Exploration tokens that can accumulate: two back-to-back explorations confirm a promising answer."""
+
+_BUCKET = log(10.0) / 20.0  # the statistics' resolution (20 buckets per decade): "equal latency"
+
+
+def hedge_quantile(route: RouteConfig) -> float:
+    """The quantile of the running candidate's TTFT at which it is hedged: max(quantile, 1 - b/2).
+
+    The budget b bounds how often a hedge may be *paid*; a delay at a lower quantile would *demand*
+    hedges at 1 - quantile per request, and whenever that approaches the deposit rate the bucket
+    hovers at empty and whichever stall comes next is refused (a coin-flip tail). Deriving the
+    quantile from the budget, as Finagle's BackupRequestFilter derives it from `maxExtraLoad`, keeps
+    demand at half the budget; `quantile` can only make hedging rarer.
+    """
+    if route.hedge_budget <= 0.0:
+        return route.quantile  # no delay hedges at all; the delay only shows in the gauge
+    return 1.0 - HEDGE_DEMAND * route.hedge_budget
+
+
+def split_budget(route: RouteConfig) -> tuple[HedgeBudget, HedgeBudget]:
+    """(hedge bucket, exploration bucket) for a route: 7/8 and 1/8 of `hedge_budget` per request."""
+    b = route.hedge_budget
+    hedges = HedgeBudget(b * (1.0 - EXPLORE_SHARE), burst=route.hedge_burst)
+    explore = HedgeBudget(b * EXPLORE_SHARE if b * EXPLORE_SHARE >= 1e-6 else 0.0, burst=EXPLORE_BURST)
+    return hedges, explore
+
+
+def latency_bucket(seconds: float) -> int:
+    """Log bucket of a latency (about 12 % wide): two estimates in one bucket are "equal latency"."""
+    return int(log(max(seconds, 1e-6)) / _BUCKET)
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What a candidate's evidence says at one instant.
+
+    `ttft`: the Kaplan-Meier median. `lower_bound` is True when it is not identified: when fewer than
+    half of the observations ended by the largest one (mostly waiting or cancelled), `ttft` is that
+    largest time, a lower bound; when it rests on fewer than `MIN_EXACT` exact answers, it is the
+    median but not to be trusted alone. `pending`: attempts in flight. `ended`: ended attempts kept.
+    """
+
+    ttft: float | None
+    lower_bound: bool
+    pending: int
+    ended: int
+
+
+class Evidence:
+    """The last `EVIDENCE_N` ended attempts of one candidate plus the launch times of those in flight.
+
+    Ended attempts count per attempt, not per second, so the evidence neither goes stale with idle time
+    nor drowns in a high request rate; what is in flight joins it only at decision time (`estimate`).
+    Reports name the attempt by its launch time; without one, the launch time is inferred from the
+    elapsed time, and the closest waiting attempt is taken (which one is immaterial to the estimate).
+    """
+
+    __slots__ = (
+        "_cache",
+        "_ended",
+        "_exact",
+        "_pending",
+        "_sorted",
+        "last_exact",
+        "last_exact_at",
+        "last_launch",
+    )
+
+    def __init__(self, n: int = EVIDENCE_N) -> None:
+        # (seconds, 0 = exact | 1 = censored), oldest first; exact sorts before censored at equal times
+        self._ended: deque[tuple[float, int]] = deque(maxlen=n)
+        self._sorted: list[tuple[float, int]] = []  # the same, sorted (kept per end, not per estimate)
+        self._exact = 0  # exact answers among them
+        self._cache: Estimate | None = None  # the estimate while nothing is in flight (it is then timeless)
+        self._pending: list[float] = []  # launch times, oldest first
+        self.last_launch: float | None = None
+        self.last_exact: float | None = None  # the latest exact TTFT
+        self.last_exact_at: float | None = None  # and when it arrived
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def launched(self, now: float) -> None:
+        self._pending.append(now)
+        self.last_launch = now
+
+    def _end(self, obs: tuple[float, int]) -> None:
+        self._ended.append(obs)
+        self._sorted = sorted(self._ended)
+        self._exact = sum(1 for _, c in self._ended if not c)
+        self._cache = None
+
+    def _take(self, launched_at: float) -> None:
+        p = self._pending
+        if not p:
+            return
+        try:
+            p.remove(launched_at)  # the usual case: reported with its exact launch time
+        except ValueError:
+            del p[min(range(len(p)), key=lambda i: abs(p[i] - launched_at))]
+
+    def answered(self, ttft: float, now: float, launched_at: float | None = None) -> None:
+        """A first token after `ttft` s: an exact observation."""
+        self._take(now - ttft if launched_at is None else launched_at)
+        self._end((ttft, 0))
+        self.last_exact = ttft
+        self.last_exact_at = now
+
+    def cancelled(self, elapsed: float, now: float, launched_at: float | None = None) -> None:
+        """Cancelled after `elapsed` s without a first token: TTFT > elapsed (censored)."""
+        self._take(now - elapsed if launched_at is None else launched_at)
+        self._end((elapsed, 1))
+
+    def failed(self, now: float, launched_at: float | None = None) -> None:
+        """Failed before a first token: no latency evidence (the error rate is kept elsewhere)."""
+        self._take(now if launched_at is None else launched_at)
+
+    def estimate(self, now: float) -> Estimate:
+        """Kaplan-Meier median of the ended attempts plus the waiting ones (censored at their age)."""
+        pending = self._pending
+        if not pending and self._cache is not None:
+            return self._cache
+        ended = len(self._sorted)
+        exact = self._exact
+        if pending:
+            # exact before censored at equal times: a censored one at t was still at risk at t
+            obs = sorted(self._sorted + [(now - t, 1) for t in pending[:PENDING_MAX]])
+        else:
+            obs = self._sorted
+        if not obs:
+            return Estimate(None, False, 0, 0)
+        est = self._km(obs, exact, ended)
+        if not pending:
+            self._cache = est
+        return est
+
+    def beyond(self, t: float, now: float) -> int:
+        """Ended or waiting attempts known to take longer than `t` (censored or exact above it)."""
+        n = sum(1 for v, _ in self._sorted if v > t)
+        return n + sum(1 for launched in self._pending if now - launched > t)
+
+    def _km(self, obs: list[tuple[float, int]], exact: int, ended: int) -> Estimate:
+        at_risk = len(obs)
+        survival = 1.0
+        for t, censored in obs:
+            if not censored:
+                survival *= 1.0 - 1.0 / at_risk
+                if survival <= 0.5:  # identified, if it rests on enough exact answers
+                    return Estimate(t, exact < MIN_EXACT, len(self._pending), ended)
+            at_risk -= 1
+        return Estimate(obs[-1][0], True, len(self._pending), ended)
+
+
+class RequestBudget:
+    """One request's view of the hedge bucket: an exploration chosen by `order` was paid for there
+    (from the exploration bucket), so the race's first delay launch of that request is free."""
+
+    __slots__ = ("_bucket", "_prepaid")
+
+    def __init__(self, bucket: HedgeBudget, prepaid: int = 0) -> None:
+        self._bucket = bucket
+        self._prepaid = prepaid
+
+    def try_spend(self) -> bool:
+        if self._prepaid > 0:
+            self._prepaid -= 1
+            return True
+        return self._bucket.try_spend()

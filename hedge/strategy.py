@@ -1,0 +1,118 @@
+"""Route strategies as one registry of small objects (sans-IO).
+
+A strategy says three things about a route: how to rank its candidates (`key`, on a `View` of each),
+whether the race hedges on delay (and explores), and whether the candidates come from the prompt's task
+class (`auto`). `Feedback.order` and the proxy ask the strategy instead of comparing strings, so a new
+strategy is one class and one registry entry.
+
+Every key starts with the health tier (`PROBE` < `HEALTHY` < `ERRORING`, see `feedback`) and ends with
+the config index, so ties keep the configured order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .catalog import Candidate
+from .policy import Estimate, latency_bucket
+
+PROBE, HEALTHY, ERRORING = 0, 1, 2
+
+
+def blended_price(c: Candidate) -> float:
+    """USD per 1M tokens for a typical 3:1 input:output mix: what `cheapest` sorts by."""
+    return (3 * c.model.input_usd_per_mtok + c.model.output_usd_per_mtok) / 4
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What a strategy may rank a candidate by, at one instant."""
+
+    candidate: Candidate
+    index: int  # position in the configured order
+    tier: int  # PROBE | HEALTHY | ERRORING
+    error_rate: float  # recent failures before a first token (0 while too few outcomes)
+    ttft: float | None  # expected TTFT given what is outstanding (None: unknown); see Feedback.ttft
+    estimate: Estimate  # the evidence behind `ttft` (pending attempts, lower bound or median)
+
+
+class Strategy:
+    """Base: config order within each tier, the less erroring first; no hedges."""
+
+    name: ClassVar[str] = "failover"
+    hedges: ClassVar[bool] = False  # delay-triggered hedges and exploration
+    classifies: ClassVar[bool] = False  # candidates chosen per request by task class (auto)
+    needs_latency: ClassVar[bool] = False  # does `key` read `ttft` (spares the estimate otherwise)
+
+    def key(self, v: View) -> tuple[float, ...]:
+        return (v.tier, round(v.error_rate, 1), v.index)
+
+    def rank(self, views: list[View]) -> list[View]:
+        """The candidates best first: by `key`."""
+        return sorted(views, key=self.key)
+
+
+class Failover(Strategy):
+    """Config order; a candidate erroring more (in 10 % steps) drops behind."""
+
+
+class Auto(Strategy):
+    """`gammainfra/auto`: the chain chosen for the prompt's task class, then failover along it."""
+
+    name = "auto"
+    classifies = True
+
+
+class Cheapest(Strategy):
+    """Lowest blended price first."""
+
+    name = "cheapest"
+
+    def key(self, v: View) -> tuple[float, ...]:
+        return (v.tier, blended_price(v.candidate), v.index)
+
+
+class Fastest(Strategy):
+    """`hedge`: the lowest expected TTFT given what is outstanding leads; hedged on delay.
+
+    Known candidates before unknown ones (those are explored instead), by the estimate divided by the
+    success rate (a candidate that fails often pays for it) at the statistics' resolution; at equal
+    latency, fewer attempts in flight lead (the load-aware part: equal latency, less outstanding work).
+
+    Only an identified median may lead, not a mere lower bound ("at least t": mostly waiting or
+    cancelled attempts): a leader whose waiting attempts outnumber its answers is demoted at once, and
+    a challenger known only from lost races cannot take all the traffic on "at least t". A lower
+    bound still ranks for the hedge slot, where it is measured on the way.
+    """
+
+    name = "hedge"
+    hedges = True
+    needs_latency = True
+
+    def key(self, v: View) -> tuple[float, ...]:
+        if v.ttft is None:
+            return (v.tier, 1, 0, 0, v.index)
+        cost = v.ttft / max(0.1, 1.0 - v.error_rate)
+        return (v.tier, 0, latency_bucket(cost), v.estimate.pending, v.index)
+
+    def rank(self, views: list[View]) -> list[View]:
+        out = sorted(views, key=self.key)
+        lead = out[0] if out else None
+        if lead is not None and lead.ttft is not None and lead.estimate.lower_bound:
+            for i, v in enumerate(out):
+                if v.tier != lead.tier:
+                    break
+                if v.ttft is not None and not v.estimate.lower_bound:
+                    out.insert(0, out.pop(i))
+                    break
+        return out
+
+
+REGISTRY: dict[str, Strategy] = {s.name: s for s in (Fastest(), Failover(), Cheapest(), Auto())}
+"""Strategy name (a route's `strategy`) -> the strategy; `config.STRATEGIES` lists the same names."""
+
+
+def get(name: str) -> Strategy:
+    """The strategy for a route's `strategy` string (validated at config load)."""
+    return REGISTRY[name]
