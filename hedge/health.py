@@ -137,7 +137,37 @@ class CircuitBreaker:
         assert self._probe_at is not None
         return self._probe_at + self.probe_timeout_s
 
+    @property
+    def open_until(self) -> float | None:
+        """End of the current opening (None when closed); past it the breaker is half-open."""
+        return self._open_until
+
+    @property
+    def hold_until(self) -> float | None:
+        """End of the latest ``Retry-After`` window, or None if there never was one."""
+        return self._hold_until if isfinite(self._hold_until) else None
+
     # -- transitions ---------------------------------------------------------------------------------
+    def adopt_opening(self, until: float, hold_until: float | None, now: float) -> bool:
+        """A peer instance opened this candidate's breaker until ``until`` (shared state, hedge/shared.py):
+        stay away as long, so an outage seen by one instance protects all. ``hold_until``: the peer's
+        ``Retry-After`` deadline, honoured here as if received here. Both are capped at
+        :data:`MAX_RETRY_AFTER_S` from ``now``. Never shortens an opening; returns True if it extended one.
+
+        The failure count and backoff stay local: after ``until`` this instance probes on its own.
+        """
+        cap = now + MAX_RETRY_AFTER_S
+        if hold_until is not None and isfinite(hold_until) and hold_until > self._hold_until:
+            self._hold_until = min(hold_until, cap)
+        if not (isfinite(until) and until > now):
+            return False
+        until = min(until, cap)
+        if self._open_until is not None and self._open_until >= until:
+            return False
+        self._open_until = until
+        self._probe_at = None
+        return True
+
     def acquire(self, now: float) -> bool:
         """May a request go now? In HALF_OPEN this takes the single probe slot (True once, then False
         until the probe reports or ``probe_timeout_s`` passes)."""
