@@ -135,6 +135,7 @@ class RedisShared:
         self._key_prefix = cfg.key_prefix + "i:"
         self._redis: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
         self._started = clock()
         self._last_ok: float | None = None
         self._up = False
@@ -165,6 +166,7 @@ class RedisShared:
     async def close(self) -> None:
         """Stop syncing; delete our contribution so peers forget it now (best effort, bounded)."""
         task, self._task = self._task, None
+        self._stop.set()
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -177,7 +179,8 @@ class RedisShared:
                     pipe.srem(self._members, self.instance_id)
                     await pipe.execute()
             with contextlib.suppress(Exception):
-                await self._redis.aclose()
+                async with asyncio.timeout(self.timeout):
+                    await self._redis.aclose()
             self._redis = None
 
     def _client(self) -> Any:
@@ -200,14 +203,18 @@ class RedisShared:
     # ------------------------------------------------------------------------------------ rounds
 
     async def _run(self) -> None:
-        while True:
+        while not self._stop.is_set():
             ok = await self.sync_once()
             if ok:
                 delay = self.interval
             else:
                 backoff = min(MAX_BACKOFF_S, self.interval * 2.0 ** min(self.failures, 16))
                 delay = backoff * random.uniform(0.5, 1.0)
-            await asyncio.sleep(delay)
+            # an Event, not a bare sleep: `close` ends the wait even if a cancellation got lost in a
+            # round (Python 3.11's asyncio.timeout can turn a simultaneous cancel into TimeoutError)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
 
     async def sync_once(self) -> bool:
         """One sync round (also the test hook). Never raises; returns whether Redis answered."""
@@ -217,6 +224,9 @@ class RedisShared:
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from e  # we were being stopped: not a Redis failure
             self._failed(e)
             return False
         finally:

@@ -303,11 +303,12 @@ class DecayingHistogram:
         old = self._remote
         counts = self._counts
         lo_i, hi_i, total = n, -1, 0.0
+        tiny = _DROP_BELOW * g  # rounding residue of the subtraction: below 1e-9 of a fresh sample
         for i in range(n):
             c = counts[i] + new[i]
             if old is not None:
                 c -= old[i]
-            if c <= 0.0:
+            if c <= tiny:
                 c = 0.0
             else:
                 total += c
