@@ -32,6 +32,7 @@ that the provider works again.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from math import isfinite
 
 __all__ = ["MAX_RETRY_AFTER_S", "BreakerState", "CircuitBreaker"]
@@ -64,6 +65,7 @@ class CircuitBreaker:
         "base_backoff_s",
         "failure_threshold",
         "max_backoff_s",
+        "on_open",
         "probe_timeout_s",
     )
 
@@ -93,6 +95,8 @@ class CircuitBreaker:
         self._open_until: float | None = None  # None = CLOSED; else OPEN until then, HALF_OPEN after
         self._hold_until = float("-inf")  # Retry-After deadline, survives successes
         self._probe_at: float | None = None  # when the in-flight half-open probe was let through
+        # called when a failure here opens (or extends) the breaker: shared state publishes it at once
+        self.on_open: Callable[[], None] | None = None
 
     # -- queries (non-mutating) ----------------------------------------------------------------------
     @property
@@ -231,7 +235,7 @@ class CircuitBreaker:
         A positive ``retry_after`` opens at once until at least ``now + min(retry_after, 1 h)``.
         """
         self._failures += 1
-        until = self._open_until
+        until = before = self._open_until
         if until is None:
             if self._failures >= self.failure_threshold:
                 self._backoff = self.base_backoff_s
@@ -247,3 +251,5 @@ class CircuitBreaker:
             if self._open_until is None or self._open_until < hold:
                 self._open_until = hold
             self._probe_at = None
+        if self.on_open is not None and self._open_until is not None and self._open_until != before:
+            self.on_open()

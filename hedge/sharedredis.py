@@ -7,7 +7,10 @@ Every ``sync_interval_ms`` one round runs, never on the request path:
 2. ``MGET`` of the peers' keys; members whose key has expired are ``SREM``-ed (they stopped);
 3. the peers' contributions are merged and installed (`SharedSync.absorb`).
 
-So Redis holds one key per live instance (its contribution, JSON, a few hundred bytes per candidate)
+A breaker opening here wakes the loop at once (`CircuitBreaker.on_open`), so peers can adopt it at their
+next round: an outage is shared within one sync interval, not two.
+
+So Redis holds one key per live instance (its contribution, JSON, about 2 KB per candidate)
 plus the members set; a stopped instance's key expires after ``forget_after_s`` (Redis's own clock, so
 no host's clock decides it), and an instance that stops cleanly deletes its key at once.
 
@@ -45,6 +48,9 @@ log = logging.getLogger("hedge.shared")
 
 MAX_BACKOFF_S = 5.0
 """Longest wait between two attempts while Redis fails (exponential from the sync interval, jittered)."""
+
+KICK_GAP_S = 0.1
+"""A breaker opening wakes the sync loop early, but rounds start at least this far apart."""
 
 ERROR_CLASSES = ("timeout", "auth", "connection", "response", "redis", "bad_data", "mismatch", "other")
 """The `error` label's values: a fixed set, so a failure can never mint a new series."""
@@ -136,6 +142,10 @@ class RedisShared:
         self._redis: Any = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self._kick = asyncio.Event()  # a local breaker opened: publish now, not at the next tick
+        for fb in self.sync.lanes.values():
+            for c in self.sync.candidates.values():
+                fb.breaker(c).on_open = self._kick.set
         self._started = clock()
         self._last_ok: float | None = None
         self._up = False
@@ -204,6 +214,7 @@ class RedisShared:
 
     async def _run(self) -> None:
         while not self._stop.is_set():
+            started = self.clock()
             ok = await self.sync_once()
             if ok:
                 delay = self.interval
@@ -214,7 +225,27 @@ class RedisShared:
             # round (Python 3.11's asyncio.timeout can turn a simultaneous cancel into TimeoutError)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
-                    await self._stop.wait()
+                    await self._wake()
+            # woken early by an opening: still at most one round per KICK_GAP_S (a 429 storm with
+            # Retry-After extends an opening on every answer)
+            gap = min(self.interval, KICK_GAP_S) - (self.clock() - started)
+            if gap > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(gap):
+                        await self._stop.wait()
+
+    async def _wake(self) -> None:
+        """Return when `close` is called, or (between failures excepted) when a breaker opened here."""
+        stop = asyncio.ensure_future(self._stop.wait())
+        waits = {stop}
+        if not self.failures:
+            waits.add(asyncio.ensure_future(self._kick.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        self._kick.clear()
 
     async def sync_once(self) -> bool:
         """One sync round (also the test hook). Never raises; returns whether Redis answered."""

@@ -172,6 +172,22 @@ def test_an_adopted_retry_after_holds_against_a_success() -> None:
     assert b.state(10.0) is BreakerState.OPEN and b.retry_at(10.0) == 50.0
 
 
+def test_on_open_fires_when_an_opening_starts_or_grows_only() -> None:
+    b = CircuitBreaker(failure_threshold=2, base_backoff_s=1.0)
+    fired: list[float] = []
+    b.on_open = lambda: fired.append(1.0)
+    b.on_failure(0.0)
+    assert fired == []
+    b.on_failure(0.1)  # the threshold: opens
+    assert len(fired) == 1
+    b.on_failure(0.2)  # while open: counted, no change
+    assert len(fired) == 1
+    b.on_failure(0.3, retry_after=10.0)  # Retry-After extends it
+    assert len(fired) == 2
+    assert not b.adopt_opening(5.0, None, now=0.4)  # a peer's opening is no local news
+    assert len(fired) == 2
+
+
 def test_adopted_openings_are_capped_at_an_hour() -> None:
     b = CircuitBreaker()
     assert b.adopt_opening(1e9, 1e9, now=0.0)

@@ -157,6 +157,35 @@ async def test_an_outage_hit_by_a_keeps_b_off_the_provider(
                 await sb.close()
 
 
+async def test_an_opening_is_published_at_once_not_at_the_next_tick(
+    redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    """A's loop runs with a 60 s interval: only the opening itself can make it publish within the
+    test; B adopts the opening at its next round (one sync interval), before any further request."""
+    async with sims(("p1", Behaviour(status=503)), ("p2", Behaviour(ttft=0.01, tokens=2))) as ps:
+        raw = shared_raw(
+            ps, redis_server.url, fast={"strategy": "failover"},
+            feedback={"failure_threshold": 3, "base_backoff_s": 30.0, "max_backoff_s": 30.0},
+            shared={"sync_interval_ms": 60_000, "forget_after_s": 600},
+        )  # fmt: skip
+        async with run_proxy(raw) as a, run_proxy(raw) as b:
+            sa, sb = attach(a, "A"), attach(b, "B")
+            sa.start()
+            try:
+                assert await eventually(lambda: sa.rounds == 1, timeout=5.0)
+                for _ in range(3):
+                    assert await post(http, a.url) == 200
+                assert await eventually(lambda: sa.rounds == 2, timeout=5.0)  # woken by the opening
+                assert await sb.sync_once()
+                assert b.proxy.feedback.breaker(cand(b, "p1")).state(b.proxy.clock()) is BreakerState.OPEN
+                hits = ps["p1"].requests_total
+                assert await post(http, b.url) == 200
+                assert ps["p1"].requests_total == hits
+            finally:
+                await sa.close()
+                await sb.close()
+
+
 async def test_a_slowdown_learned_from_as_traffic_reorders_b(
     redis_server: RedisServer, http: aiohttp.ClientSession
 ) -> None:
