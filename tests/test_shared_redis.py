@@ -44,9 +44,11 @@ def _free_port() -> int:
 class RedisServer:
     """A throw-away redis-server on 127.0.0.1; can be stopped and started again on the same port."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *extra: str, password: str | None = None) -> None:
         self.port = _free_port()
         self.dir = tmp
+        self.extra = extra
+        self.password = password
         self.proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -58,11 +60,11 @@ class RedisServer:
         log = (self.dir / "redis.log").open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(self.dir), "--enable-debug-command", "local",
+            "--dir", str(self.dir), "--enable-debug-command", "local", *self.extra,
             stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
         )  # fmt: skip
         log.close()
-        r = aredis.Redis.from_url(self.url)
+        r = aredis.Redis.from_url(self.url, password=self.password)
         try:
             for _ in range(200):
                 try:
@@ -81,13 +83,17 @@ class RedisServer:
         self.proc = None
 
 
-@pytest.fixture
-async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+def need_redis() -> None:
     if REDIS is None:
         reason = "no `redis-server` on PATH (install it with .ci/install-redis.sh)"
         if os.environ.get("HEDGE_REQUIRE_REDIS"):
             pytest.fail(reason + "; HEDGE_REQUIRE_REDIS is set")
         pytest.skip(reason)
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    need_redis()
     srv = RedisServer(tmp_path)
     await srv.start()
     try:
@@ -377,3 +383,34 @@ async def test_workers_share_through_redis(redis_server: RedisServer, tmp_path: 
             assert await members() == set()  # clean stops delete their contributions
         finally:
             await r.aclose()
+
+
+async def test_the_password_comes_from_the_environment_and_never_shows(
+    tmp_path: Path, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    need_redis()
+    secret = "s3cret-fleet-pw-123"
+    srv = RedisServer(tmp_path, "--requirepass", secret, password=secret)
+    await srv.start()
+    try:
+        async with sims(("p1", Behaviour(ttft=0.01, tokens=2))) as ps:
+            monkeypatch.setenv("HEDGE_TEST_REDIS_PW", secret)
+            monkeypatch.setenv("HEDGE_TEST_REDIS_BAD", "not-the-password")
+            good = shared_raw(ps, srv.url, shared={"password_env": "HEDGE_TEST_REDIS_PW"})
+            bad = shared_raw(ps, srv.url, shared={"password_env": "HEDGE_TEST_REDIS_BAD"})
+            async with run_proxy(good) as a, run_proxy(bad) as b:
+                sa, sb = attach(a, "A"), attach(b, "B")
+                try:
+                    assert await sa.sync_once()
+                    assert not await sb.sync_once()  # wrong password: an error, not a crash
+                    assert await post(http, b.url) == 200  # and B serves on
+                    text = await (await http.get(b.url + "/metrics")).text()
+                    assert metric(text, "hedge_shared_sync_errors_total", error="auth") == 1.0
+                    assert metric(text, "hedge_shared_state_up") == 0.0
+                    for where in (text, caplog.text):
+                        assert secret not in where and "not-the-password" not in where
+                finally:
+                    await sa.close()
+                    await sb.close()
+    finally:
+        await srv.stop()
