@@ -414,3 +414,15 @@ async def test_the_password_comes_from_the_environment_and_never_shows(
                     await sb.close()
     finally:
         await srv.stop()
+
+
+async def test_the_fleet_load_scenario_runs_end_to_end() -> None:
+    """`python -m loadtest fleet`, tiny: two instances sharing through a redis-server it starts itself."""
+    need_redis()
+    from loadtest.fleet import FleetOptions, render, run_fleet
+
+    opts = FleetOptions(instances=2, rate=20.0, duration=1.5, warmup=0.5, window=0.5)
+    row = await run_fleet(opts, shared=True)
+    assert row["mode"] == "shared" and row["requests"] == 30 and row["failed"] == 0
+    assert row["before_p50_ms"] > 0 and row["after_p99_ms"] >= row["after_p50_ms"]
+    assert "| shared | 30 | 0 |" in render(opts, [row])
