@@ -39,7 +39,7 @@ stream gives the statistics of the whole stream.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,14 +89,30 @@ def _finite(x: Any, what: str, *, lo: float = -math.inf) -> float:
     return float(x)
 
 
-def _add_weights(into: dict[int, float], flat: Any, f: float, n: int, what: str) -> None:
+_INT: frozenset[type] = frozenset({int})
+_NUM: frozenset[type] = frozenset({int, float})
+
+
+def _check_weights(flat: Any, n: int, what: str) -> None:
+    """A flat [bucket, weight, ...] list: int buckets in [0, n), finite weights >= 0 (bulk checks)."""
     if not isinstance(flat, list) or len(flat) % 2:
         raise BadContribution("bad_data", f"{what}: expected a flat [bucket, weight, ...] list")
+    if not flat:
+        return
+    idx, ws = flat[0::2], flat[1::2]
+    if not set(map(type, idx)) <= _INT or min(idx) < 0 or max(idx) >= n:
+        raise BadContribution("bad_data", f"{what}: bucket index out of range")
+    if not set(map(type, ws)) <= _NUM:
+        raise BadContribution("bad_data", f"{what}: weights must be numbers")
+    if min(ws) < 0.0 or not math.isfinite(math.fsum(ws)):  # a finite sum: no inf, no nan
+        raise BadContribution("bad_data", f"{what}: weights must be finite and >= 0")
+
+
+def _add_weights(into: dict[int, float], flat: list[Any], f: float) -> None:
+    get = into.get
     for k in range(0, len(flat), 2):
-        i, w = flat[k], flat[k + 1]
-        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
-            raise BadContribution("bad_data", f"{what}: bucket index out of range")
-        into[i] = into.get(i, 0.0) + _finite(w, what, lo=0.0) * f
+        i = flat[k]
+        into[i] = get(i, 0.0) + flat[k + 1] * f
 
 
 class SharedSync:
@@ -121,6 +137,7 @@ class SharedSync:
         self.lanes = dict(lanes)
         self.candidates = {c.key: c for c in candidates}
         self.instance_id = instance_id
+        self.clock = clock
         self.offset = wall() - clock()  # wall = monotonic + offset, fixed for the process's life
         first = next(iter(self.lanes.values()))
         self.half_life_s = first.cfg.half_life_s
@@ -182,7 +199,8 @@ class SharedSync:
     # ----------------------------------------------------------------------------------- absorb
 
     def decode(self, blob: bytes) -> dict[str, Any]:
-        """Parse and check a peer's document; raises `BadContribution` on anything unexpected."""
+        """Parse a peer's document and check its header; raises `BadContribution`. (`check` does the
+        entries.)"""
         if len(blob) > MAX_BLOB_BYTES:
             raise BadContribution("bad_data", "contribution too large")
         try:
@@ -203,6 +221,29 @@ class SharedSync:
             raise BadContribution("bad_data", "lanes/open: expected objects")
         return doc
 
+    def check(self, doc: dict[str, Any]) -> None:
+        """Everything `merge` reads from a decoded document, checked first, so a bad entry drops the
+        whole peer and never half of it. Raises `BadContribution`."""
+        n = int(self._shape[2]) if self._shape else 0
+        for cands in doc["lanes"].values():
+            if not isinstance(cands, dict):
+                raise BadContribution("bad_data", "lane: expected an object")
+            for e in cands.values():
+                if not isinstance(e, dict):
+                    raise BadContribution("bad_data", "candidate entry: expected an object")
+                _check_weights(e.get("ttft", []), n, "ttft")
+                _check_weights(e.get("total", []), n, "total")
+                _finite(e.get("ok", 0.0), "ok", lo=0.0)
+                _finite(e.get("err", 0.0), "err", lo=0.0)
+                if e.get("x") is not None:
+                    _finite(e["x"], "x")
+        for o in doc["open"].values():
+            if not isinstance(o, list) or len(o) != 2:
+                raise BadContribution("bad_data", "open: expected [until, hold]")
+            _finite(o[0], "open")
+            if o[1] is not None:
+                _finite(o[1], "hold")
+
     def merge(
         self, docs: Iterable[dict[str, Any]], now: float
     ) -> tuple[dict[str, dict[str, _Acc]], dict[str, tuple[float, float | None]]]:
@@ -210,7 +251,6 @@ class SharedSync:
         collect breaker openings (latest reopen time and Retry-After deadline per candidate), as
         monotonic times of this instance. Candidates or lanes this instance does not know are skipped."""
         t_now = now + self.offset
-        n = int(self._shape[2]) if self._shape else 0
         acc: dict[str, dict[str, _Acc]] = {name: {} for name in self.lanes}
         opens: dict[str, tuple[float, float | None]] = {}
         inv_tau = math.log(2.0) / self.half_life_s
@@ -218,32 +258,26 @@ class SharedSync:
             f = math.exp(-max(0.0, t_now - doc["t"]) * inv_tau)  # a clock ahead of ours: no growth
             for lane, cands in doc["lanes"].items():
                 mine = acc.get(lane)
-                if mine is None or not isinstance(cands, dict):
+                if mine is None:
                     continue
                 for key, e in cands.items():
                     if key not in self.candidates:
                         continue
-                    if not isinstance(e, dict):
-                        raise BadContribution("bad_data", "candidate entry: expected an object")
                     a = mine.get(key)
                     if a is None:
                         a = mine[key] = _Acc()
-                    _add_weights(a.ttft, e.get("ttft", []), f, n, "ttft")
-                    _add_weights(a.total, e.get("total", []), f, n, "total")
-                    a.succ += _finite(e.get("ok", 0.0), "ok", lo=0.0) * f
-                    a.fail += _finite(e.get("err", 0.0), "err", lo=0.0) * f
+                    _add_weights(a.ttft, e.get("ttft", []), f)
+                    _add_weights(a.total, e.get("total", []), f)
+                    a.succ += e.get("ok", 0.0) * f
+                    a.fail += e.get("err", 0.0) * f
                     x = e.get("x")
-                    if x is not None:
-                        x = _finite(x, "x")
-                        if a.exact is None or x > a.exact:
-                            a.exact = x
-            for key, o in doc["open"].items():
+                    if x is not None and (a.exact is None or x > a.exact):
+                        a.exact = float(x)
+            for key, (until_w, hold_w) in doc["open"].items():
                 if key not in self.candidates:
                     continue
-                if not isinstance(o, list) or len(o) != 2:
-                    raise BadContribution("bad_data", "open: expected [until, hold]")
-                until = _finite(o[0], "open") - self.offset
-                hold = None if o[1] is None else _finite(o[1], "hold") - self.offset
+                until = until_w - self.offset
+                hold = None if hold_w is None else hold_w - self.offset
                 if until <= now:
                     continue
                 prev = opens.get(key)
@@ -259,6 +293,17 @@ class SharedSync:
         one). Bad or mismatched documents are skipped and counted. Returns (peers merged, {kind: n}).
 
         ``absorb([], now)`` forgets every peer (used when Redis has been unreachable for too long)."""
+        out: list[tuple[int, dict[str, int]]] = []
+        for _ in self.absorb_steps(blobs, now, out):
+            pass
+        return out[0]
+
+    def absorb_steps(
+        self, blobs: Iterable[bytes], now: float, out: list[tuple[int, dict[str, int]]]
+    ) -> Iterator[None]:
+        """`absorb` in slices: yields after each peer document and each candidate, so the I/O edge can
+        let requests run in between (a merge of many peers and candidates takes milliseconds; no
+        request should wait for it). Appends (peers merged, {kind: n}) to ``out`` at the end."""
         docs: list[dict[str, Any]] = []
         bad: dict[str, int] = {}
         for blob in blobs:
@@ -266,14 +311,16 @@ class SharedSync:
                 doc = self.decode(blob)
                 if doc["id"] == self.instance_id:
                     continue
-                self.merge([doc], now)  # check it whole before it counts: one bad entry drops the peer
+                self.check(doc)  # whole, before it counts: one bad entry drops the peer
             except BadContribution as e:
                 bad[e.kind] = bad.get(e.kind, 0) + 1
                 continue
             docs.append(doc)
+            yield
         acc, opens = self.merge(docs, now)
-        self.install(acc, opens, now)
-        return len(docs), bad
+        yield
+        yield from self.install_steps(acc, opens, now)
+        out.append((len(docs), bad))
 
     def install(
         self,
@@ -283,23 +330,40 @@ class SharedSync:
     ) -> None:
         """Make the merged peers' contribution the `remote` part of every candidate's statistics, carry
         their freshness over, and adopt their breaker openings."""
+        for _ in self.install_steps(acc, opens, now):
+            pass
+
+    def install_steps(
+        self,
+        acc: Mapping[str, Mapping[str, _Acc]],
+        opens: Mapping[str, tuple[float, float | None]],
+        now: float,
+    ) -> Iterator[None]:
+        """`install`, yielding after each candidate. ``acc`` is decayed to ``now``; each candidate is
+        installed at the clock's time then (requests may have recorded samples in between), its
+        contribution decayed on to that time, so the merge stays exact."""
         empty = _Acc()
         remote = 0
+        inv_tau = math.log(2.0) / self.half_life_s
         for name, fb in self.lanes.items():
             lane = acc.get(name, {})
             for key, c in self.candidates.items():
                 a = lane.get(key, empty)
+                t = max(now, self.clock())
+                d = math.exp(-(t - now) * inv_tau)
                 if a is not empty:
                     remote += 1
                 s = fb.stats(c)
-                s.ttft.set_remote(a.ttft, now)
-                s.total.set_remote(a.total, now)
-                s.set_remote_outcomes(a.succ, a.fail, now)
+                s.ttft.set_remote({i: w * d for i, w in a.ttft.items()}, t)
+                s.total.set_remote({i: w * d for i, w in a.total.items()}, t)
+                s.set_remote_outcomes(a.succ * d, a.fail * d, t)
                 if a.exact is not None:
-                    fb.saw_first_token(c, min(now, a.exact - self.offset))
+                    fb.saw_first_token(c, min(t, a.exact - self.offset))
+                yield
         self.remote_candidates = remote
         first = next(iter(self.lanes.values()))
+        t = max(now, self.clock())
         for key, (until, hold) in opens.items():
             b = first.breaker(self.candidates[key])
-            if b.adopt_opening(until, hold, now):
+            if b.adopt_opening(until, hold, t):
                 self._adopted[key] = until if b.open_until is None else b.open_until

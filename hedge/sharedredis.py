@@ -288,7 +288,10 @@ class RedisShared:
         if gone:
             await r.srem(self._members, *gone)
         now = self.clock()
-        peers, bad = self.sync.absorb([b for b in blobs if b is not None], now)
+        out: list[tuple[int, dict[str, int]]] = []
+        for _ in self.sync.absorb_steps([b for b in blobs if b is not None], now, out):
+            await asyncio.sleep(0)  # let requests run between slices: the merge never stalls them
+        peers, bad = out[0]
         for kind, n in bad.items():
             self.metrics.errors.labels(kind).inc(n)
             self.metrics.last_error.labels(kind).set(self.wall())
