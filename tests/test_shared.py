@@ -287,3 +287,28 @@ def test_shared_config_defaults_and_errors() -> None:
             parse_config(_with_shared(bad))
         assert str(e.value).startswith(key), e.value
         assert "hunter2" not in str(e.value)
+
+
+def test_a_merge_in_slices_stays_exact_while_requests_record_in_between() -> None:
+    """Requests run between `absorb_steps` slices (and the clock moves): the result is still the sum."""
+    clock = [100.0]
+    a, lanes_a, cat = _instance("A", clock, 0.0)
+    b, lanes_b, _ = _instance("B", clock, 0.0)
+    cands = list({c.key: c for c in cat.all_candidates()}.values())
+    for k in range(6):
+        for c in cands:
+            lanes_a["stream"].on_first_token(c, 0.1 * (k + 1), 100.0)
+    blob = a.publish(100.0)
+    out: list[tuple[int, dict[str, int]]] = []
+    for step, _ in enumerate(b.absorb_steps([blob], 100.0, out)):
+        clock[0] = 100.0 + 0.5 * (step + 1)
+        for c in cands:  # a request between slices
+            lanes_b["stream"].on_first_token(c, 0.3, clock[0])
+    assert out == [(1, {})]
+    now = clock[0]
+    for c in cands:
+        s_b, s_a = lanes_b["stream"].stats(c), lanes_a["stream"].stats(c)
+        mine = sum(s_b.ttft.local_weights(now).values())
+        peer = sum(s_a.ttft.local_weights(now).values())
+        assert math.isclose(s_b.ttft.weight(now), mine + peer, rel_tol=1e-9)
+        assert math.isclose(peer, 6 * 2 ** (-(now - 100.0) / HL), rel_tol=1e-9)
