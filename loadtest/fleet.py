@@ -32,7 +32,7 @@ import aiohttp
 from hedge.simprovider import Behaviour, RequestRecord, SimProvider
 
 from .procs import Children, free_port, wait_http
-from .run import FAST_MODEL, PROMPT, child_env, proxy_config
+from .run import FAST_MODEL, PROMPT, child_env, parse_metrics, proxy_config
 from .scenarios import ALPHA, BETA, GAMMA
 
 
@@ -124,6 +124,7 @@ async def run_fleet(opts: FleetOptions, shared: bool) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="hedge-fleet-"))
     children = Children()
     samples: list[tuple[float, float | None, int]] = []  # (sent at, ttft, status)
+    counters: dict[str, float] = {}
     try:
         shared_toml = ""
         if shared:
@@ -184,6 +185,12 @@ async def run_fleet(opts: FleetOptions, shared: bool) -> dict[str, Any]:
             await phase(opts.duration, True, k)
             if tasks:
                 await asyncio.wait(tasks, timeout=opts.timeout)
+            for u in urls:  # the proxies' own counts over the whole run (warm-up included)
+                async with http.get(u + "/metrics") as r:
+                    m = parse_metrics(await r.text())
+                for key, v in m.items():
+                    name = key.partition("{")[0]
+                    counters[name] = counters.get(name, 0.0) + v
     finally:
         children.close()
         for p in provs:
@@ -205,6 +212,8 @@ async def run_fleet(opts: FleetOptions, shared: bool) -> dict[str, Any]:
         "window_p99_ms": pct(just_after, 0.99) * 1000,
         "after_p50_ms": pct(after, 0.5) * 1000,
         "after_p99_ms": pct(after, 0.99) * 1000,
+        "hedges": counters.get("hedge_hedges_total", 0.0),
+        "budget_refusals": counters.get("hedge_budget_refusals_total", 0.0),
     }
 
 
@@ -214,14 +223,16 @@ def render(opts: FleetOptions, rows: list[dict[str, Any]]) -> str:
         f"fleet: {opts.instances} instances x {opts.rate / opts.instances:g} req/s, primary TTFT "
         f"x{opts.slow_factor:g} at {opts.change_at * opts.duration:g} s of {opts.duration:g} s, "
         f"sync every {opts.sync_interval_ms:g} ms (client TTFT, ms)",
-        f"| mode | requests | failed | p50 before | p99 before | p50 {w} | p99 {w} | p50 after | p99 after |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| mode | requests | failed | p50 before | p99 before | p50 {w} | p99 {w} | p50 after | p99 after "
+        "| hedges | budget refusals |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['requests']} | {r['failed']} | {r['before_p50_ms']:.0f} | "
             f"{r['before_p99_ms']:.0f} | {r['window_p50_ms']:.0f} | {r['window_p99_ms']:.0f} | "
-            f"{r['after_p50_ms']:.0f} | {r['after_p99_ms']:.0f} |"
+            f"{r['after_p50_ms']:.0f} | {r['after_p99_ms']:.0f} | {r['hedges']:.0f} | "
+            f"{r['budget_refusals']:.0f} |"
         )
     return "\n".join(lines)
 
