@@ -62,6 +62,11 @@ async def _serve(
         metrics=Metrics(multiprocess_dir=mp_dir) if mp_dir else None,
     )
     app = build_app(proxy)
+    shared = None
+    if config.shared is not None:  # [shared]: pool statistics and breakers with peers through Redis
+        from .sharedredis import RedisShared
+
+        shared = RedisShared.for_proxy(config.shared, proxy)
     if args.access_log:
         logging.getLogger("aiohttp.access").setLevel(logging.INFO)
     runner = await start_site(
@@ -69,6 +74,8 @@ async def _serve(
         shutdown_timeout=CANCEL_PHASE_S, access_log=args.access_log,
     )  # fmt: skip
     port = bound_port(runner)
+    if shared is not None:
+        shared.start()  # in the background: never waits for Redis
     routes = ", ".join(config.routes)
     log.info(
         "hedge listening on http://%s:%d/v1 (%s; routes: %s)",
@@ -92,6 +99,8 @@ async def _serve(
     cut = await drain(runner, config.server.shutdown_grace_s)  # stop listening, wait, cancel the rest
     if cut:
         log.warning("grace period over: %d request(s) cancelled with an error event", cut)
+    if shared is not None:
+        await shared.close()  # peers forget this instance's contribution at once
     for p in demo:
         await p.stop()
     return 0

@@ -106,12 +106,33 @@ class FeedbackConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedConfig:
+    """[shared]: instances pool their statistics and breaker openings through Redis (hedge/shared.py).
+
+    The password never sits in the config (or the URL): it is read from the environment variable named
+    by ``password_env`` when the client connects.
+    """
+
+    redis_url: str
+    password_env: str | None = None
+    sync_interval_ms: float = 250.0
+    key_prefix: str = "hedge:"
+    forget_after_s: float = 30.0  # a stopped instance's contribution expires (Redis key TTL) after this
+    timeout_ms: float = 1000.0  # one sync round trip; a slower Redis counts as down for that round
+
+    def password(self) -> str | None:
+        """Read at connect time; never logged."""
+        return os.environ.get(self.password_env) if self.password_env else None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     providers: dict[str, ProviderConfig]
     models: dict[str, ModelConfig]
     routes: dict[str, RouteConfig]
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    shared: SharedConfig | None = None
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -171,7 +192,7 @@ def _timeouts(d: dict[str, Any], path: str, base: Timeouts) -> Timeouts:
 
 def parse_config(raw: dict[str, Any]) -> Config:
     """Turn a parsed TOML document into a validated Config (raises ConfigError naming the key)."""
-    _unknown(raw, {"server", "timeouts", "providers", "models", "routes", "feedback"}, "config")
+    _unknown(raw, {"server", "timeouts", "providers", "models", "routes", "feedback", "shared"}, "config")
     s = _table(raw.get("server", {}), "server")
     _unknown(
         s,
@@ -302,7 +323,51 @@ def parse_config(raw: dict[str, Any]) -> Config:
         base_backoff_s=_num(f, "base_backoff_s", "feedback", 1.0, lo=0.01),
         max_backoff_s=_num(f, "max_backoff_s", "feedback", 60.0, lo=0.01),
     )
-    return Config(server=server, providers=providers, models=models, routes=routes, feedback=feedback)
+    shared = _shared(_table(raw["shared"], "shared")) if "shared" in raw else None
+    return Config(
+        server=server, providers=providers, models=models, routes=routes, feedback=feedback, shared=shared
+    )
+
+
+def _shared(d: dict[str, Any]) -> SharedConfig:
+    """[shared] (optional): Redis URL, password variable, sync interval, key prefix, forget-after."""
+    from urllib.parse import urlsplit
+
+    path = "shared"
+    _unknown(
+        d,
+        {"redis_url", "password_env", "sync_interval_ms", "key_prefix", "forget_after_s", "timeout_ms"},
+        path,
+    )
+    url = _str(d, "redis_url", path)
+    if not url or not url.startswith(("redis://", "rediss://")):
+        # the value is not echoed: it may hold a secret
+        raise ConfigError(f"{path}.redis_url: expected a redis:// or rediss:// URL")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"{path}.redis_url: not a valid URL") from None
+    if parts.password:
+        raise ConfigError(
+            f"{path}.redis_url: must not contain a password; name an environment variable in "
+            f"{path}.password_env instead"
+        )
+    interval = _num(d, "sync_interval_ms", path, 250.0, lo=10.0, hi=60_000.0)
+    prefix = _str(d, "key_prefix", path, "hedge:")
+    if not prefix:
+        raise ConfigError(f"{path}.key_prefix: must not be empty")
+    forget = _num(d, "forget_after_s", path, 30.0, lo=1.0, hi=86_400.0)
+    if forget * 1000 < 2 * interval:
+        raise ConfigError(f"{path}.forget_after_s: must be at least two sync intervals")
+    return SharedConfig(
+        redis_url=url,
+        password_env=_str(d, "password_env", path),
+        sync_interval_ms=interval,
+        key_prefix=prefix,
+        forget_after_s=forget,
+        timeout_ms=_num(d, "timeout_ms", path, 1000.0, lo=10.0, hi=60_000.0),
+    )
 
 
 def _route(name: str, r: dict[str, Any], path: str, models: dict[str, ModelConfig]) -> RouteConfig:

@@ -32,6 +32,7 @@ that the provider works again.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from math import isfinite
 
 __all__ = ["MAX_RETRY_AFTER_S", "BreakerState", "CircuitBreaker"]
@@ -64,6 +65,7 @@ class CircuitBreaker:
         "base_backoff_s",
         "failure_threshold",
         "max_backoff_s",
+        "on_open",
         "probe_timeout_s",
     )
 
@@ -93,6 +95,8 @@ class CircuitBreaker:
         self._open_until: float | None = None  # None = CLOSED; else OPEN until then, HALF_OPEN after
         self._hold_until = float("-inf")  # Retry-After deadline, survives successes
         self._probe_at: float | None = None  # when the in-flight half-open probe was let through
+        # called when a failure here opens (or extends) the breaker: shared state publishes it at once
+        self.on_open: Callable[[], None] | None = None
 
     # -- queries (non-mutating) ----------------------------------------------------------------------
     @property
@@ -137,7 +141,37 @@ class CircuitBreaker:
         assert self._probe_at is not None
         return self._probe_at + self.probe_timeout_s
 
+    @property
+    def open_until(self) -> float | None:
+        """End of the current opening (None when closed); past it the breaker is half-open."""
+        return self._open_until
+
+    @property
+    def hold_until(self) -> float | None:
+        """End of the latest ``Retry-After`` window, or None if there never was one."""
+        return self._hold_until if isfinite(self._hold_until) else None
+
     # -- transitions ---------------------------------------------------------------------------------
+    def adopt_opening(self, until: float, hold_until: float | None, now: float) -> bool:
+        """A peer instance opened this candidate's breaker until ``until`` (shared state, hedge/shared.py):
+        stay away as long, so an outage seen by one instance protects all. ``hold_until``: the peer's
+        ``Retry-After`` deadline, honoured here as if received here. Both are capped at
+        :data:`MAX_RETRY_AFTER_S` from ``now``. Never shortens an opening; returns True if it extended one.
+
+        The failure count and backoff stay local: after ``until`` this instance probes on its own.
+        """
+        cap = now + MAX_RETRY_AFTER_S
+        if hold_until is not None and isfinite(hold_until) and hold_until > self._hold_until:
+            self._hold_until = min(hold_until, cap)
+        if not (isfinite(until) and until > now):
+            return False
+        until = min(until, cap)
+        if self._open_until is not None and self._open_until >= until:
+            return False
+        self._open_until = until
+        self._probe_at = None
+        return True
+
     def acquire(self, now: float) -> bool:
         """May a request go now? In HALF_OPEN this takes the single probe slot (True once, then False
         until the probe reports or ``probe_timeout_s`` passes)."""
@@ -201,7 +235,7 @@ class CircuitBreaker:
         A positive ``retry_after`` opens at once until at least ``now + min(retry_after, 1 h)``.
         """
         self._failures += 1
-        until = self._open_until
+        until = before = self._open_until
         if until is None:
             if self._failures >= self.failure_threshold:
                 self._backoff = self.base_backoff_s
@@ -217,3 +251,5 @@ class CircuitBreaker:
             if self._open_until is None or self._open_until < hold:
                 self._open_until = hold
             self._probe_at = None
+        if self.on_open is not None and self._open_until is not None and self._open_until != before:
+            self.on_open()

@@ -95,6 +95,7 @@ class DecayingHistogram:
         "_log_lo",
         "_log_r",
         "_n",
+        "_remote",
         "_renorm_s",
         "_t0",
         "_total",
@@ -139,6 +140,9 @@ class DecayingHistogram:
         self._lo_i = n  # lowest occupied bucket (n when empty)
         self._hi_i = -1  # highest occupied bucket (-1 when empty)
         self._cache: dict[float, float] = {}
+        # Peers' contribution (shared state, hedge/shared.py), already included in _counts, on the same
+        # landmark; None when there is none. Kept so the local contribution can be told apart.
+        self._remote: list[float] | None = None
 
     # -- introspection -------------------------------------------------------------------------------
     @property
@@ -177,12 +181,17 @@ class DecayingHistogram:
         """Move the landmark to ``now``: O(buckets), rare (once per ~46 half-lives)."""
         f = exp(-(now - self._t0) * self._inv_tau)
         counts = self._counts
+        remote = self._remote
+        if remote is not None:
+            self._remote = remote = [r * f for r in remote]
         lo_i, hi_i = self._n, -1
         total = 0.0
         for i in range(self._lo_i, self._hi_i + 1):
             c = counts[i] * f
             if c < _DROP_BELOW:
                 c = 0.0
+                if remote is not None:
+                    remote[i] = 0.0
             else:
                 total += c
                 if i < lo_i:
@@ -247,6 +256,70 @@ class DecayingHistogram:
         self._total += w
         if self._cache:
             self._cache.clear()
+
+    # -- shared state (hedge/shared.py) --------------------------------------------------------------
+    def shape(self) -> tuple[float, float, int, float]:
+        """(lo, hi, buckets, half-life): two histograms add bucket by bucket only if these agree."""
+        return (self._lo, self._hi, self._n, self.half_life_s)
+
+    def local_weights(self, now: float) -> dict[int, float]:
+        """This histogram's own contribution (without the peers' from :meth:`set_remote`), as sparse
+        bucket -> weight decayed to ``now`` (in units of one fresh sample). O(buckets).
+
+        With forward decay two histograms with the same shape add exactly once expressed at a common
+        time: the weight of every sample at ``now`` is ``2**(-age/half_life)`` whoever observed it.
+        """
+        if self._hi_i < 0:
+            return {}
+        f = exp(-(now - self._t0) * self._inv_tau)
+        counts, remote = self._counts, self._remote
+        out: dict[int, float] = {}
+        for i in range(self._lo_i, self._hi_i + 1):
+            c = counts[i] - remote[i] if remote is not None else counts[i]
+            w = c * f
+            if w > _DROP_BELOW:
+                out[i] = w
+        return out
+
+    def set_remote(self, weights: dict[int, float], now: float) -> None:
+        """Replace the peers' contribution with ``weights`` (bucket -> weight decayed to ``now``).
+
+        Queries then answer for local + remote samples, exactly as one histogram that saw them all.
+        O(buckets); called once per sync interval, off the request path.
+        """
+        if self._remote is None and not weights:
+            return  # nothing from peers before or now: nothing to do
+        if self._hi_i >= 0 and now - self._t0 > self._renorm_s:
+            self._renormalise(now)
+        if self._hi_i < 0:
+            self._t0 = now  # nothing held: a fresh landmark
+            self._remote = None
+        g = exp((now - self._t0) * self._inv_tau)  # decayed-at-now -> stored scale
+        n = self._n
+        new = [0.0] * n
+        for i, w in weights.items():
+            if 0 <= i < n and w > 0.0 and isfinite(w):
+                new[i] += w * g
+        old = self._remote
+        counts = self._counts
+        lo_i, hi_i, total = n, -1, 0.0
+        tiny = _DROP_BELOW * g  # rounding residue of the subtraction: below 1e-9 of a fresh sample
+        for i in range(n):
+            c = counts[i] + new[i]
+            if old is not None:
+                c -= old[i]
+            if c <= tiny:
+                c = 0.0
+            else:
+                total += c
+                if i < lo_i:
+                    lo_i = i
+                hi_i = i
+            counts[i] = c
+        self._total = total
+        self._lo_i, self._hi_i = lo_i, hi_i
+        self._remote = new if hi_i >= 0 and any(new) else None
+        self._cache.clear()
 
     # -- queries -------------------------------------------------------------------------------------
     def weight(self, now: float) -> float:
@@ -327,7 +400,8 @@ class CandidateStats:
     """
 
     __slots__ = (
-        "_err_t", "_fail", "_inv_tau", "_last", "_n", "_succ", "half_life_s", "recent", "total", "ttft",
+        "_err_t", "_fail", "_inv_tau", "_last", "_n", "_r_fail", "_r_succ", "_r_t", "_succ",
+        "half_life_s", "recent", "total", "ttft",
     )  # fmt: skip
 
     def __init__(
@@ -344,6 +418,10 @@ class CandidateStats:
         self._fail = 0.0
         self._err_t = 0.0
         self._last: float | None = None
+        # peers' outcomes (shared state), included in _succ/_fail, decayed counts as of _r_t
+        self._r_succ = 0.0
+        self._r_fail = 0.0
+        self._r_t = 0.0
 
     def record_first_token(self, ttft: float, now: float) -> None:
         """An attempt produced its first content token ``ttft`` seconds after launch."""
@@ -433,3 +511,22 @@ class CandidateStats:
     def last_update(self) -> float | None:
         """Time of the most recent record of any kind, or ``None`` if nothing was recorded yet."""
         return self._last
+
+    # -- shared state (hedge/shared.py) --------------------------------------------------------------
+    def local_outcomes(self, now: float) -> tuple[float, float]:
+        """This instance's own (successes, failures), decayed to ``now``, without the peers' share."""
+        f = exp(-(now - self._err_t) * self._inv_tau) if now > self._err_t else 1.0
+        g = exp(-(now - self._r_t) * self._inv_tau) if now > self._r_t else 1.0
+        succ = self._succ * f - self._r_succ * g
+        fail = self._fail * f - self._r_fail * g
+        return (succ if succ > 1e-9 else 0.0, fail if fail > 1e-9 else 0.0)
+
+    def set_remote_outcomes(self, succ: float, fail: float, now: float) -> None:
+        """Replace the peers' (successes, failures), decayed to ``now``: the error rate then counts
+        every instance's outcomes, as if one instance had seen them all."""
+        local_s, local_f = self.local_outcomes(now)
+        ok = isfinite(succ) and isfinite(fail)
+        succ, fail = (max(0.0, succ), max(0.0, fail)) if ok else (0.0, 0.0)
+        self._succ, self._fail = local_s + succ, local_f + fail
+        self._err_t = now
+        self._r_succ, self._r_fail, self._r_t = succ, fail, now

@@ -19,6 +19,8 @@ the kernel spreads new connections over the workers. The parent only supervises:
 Feedback statistics are per worker: each learns provider latencies from its own share of the traffic,
 which at N workers is 1/N of it; with the default decay this still follows a provider within seconds
 at any useful request rate.
+With ``[shared]`` configured every worker is an instance of the shared state (hedge/sharedredis.py):
+each publishes its own contribution and merges the others' through Redis, like separate replicas.
 """
 
 from __future__ import annotations

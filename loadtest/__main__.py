@@ -5,6 +5,7 @@ python -m loadtest run --scenario degrade --concurrency 16
 python -m loadtest overhead --concurrency 1 --requests 2000
 python -m loadtest client --requests 4000 --concurrency 32
 python -m loadtest scenarios
+python -m loadtest fleet --duration 16 --rate 40
 """
 
 from __future__ import annotations
@@ -101,6 +102,16 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=int, default=8080)
 
     sub.add_parser("scenarios", help="list the scenarios")
+
+    f = sub.add_parser("fleet", help="4 instances, a quarter of the traffic each, alone vs sharing via Redis")
+    f.add_argument("--instances", type=int, default=4)
+    f.add_argument("--rate", type=float, default=40.0, help="requests per second over all instances")
+    f.add_argument("--duration", type=float, default=16.0, help="measured seconds per run (default 16)")
+    f.add_argument("--warmup", type=float, default=3.0)
+    f.add_argument("--slow-factor", type=float, default=8.0, help="the primary's TTFT multiplier")
+    f.add_argument("--window", type=float, default=3.0, help="seconds just after the change to report")
+    f.add_argument("--sync-interval-ms", type=float, default=250.0)
+    f.add_argument("--seed", type=int, default=1)
     return p
 
 
@@ -180,6 +191,17 @@ def main(argv: list[str] | None = None) -> int:
             if opts.concurrency is not None and not 0 < opts.concurrency <= 4096:
                 raise SystemExit("--concurrency must be within [1, 4096]")
             _run_async(run(opts))
+        elif args.cmd == "fleet":
+            from .fleet import FleetOptions, main_async
+
+            fopts = FleetOptions(
+                instances=args.instances, rate=args.rate, duration=args.duration, warmup=args.warmup,
+                slow_factor=args.slow_factor, window=args.window,
+                sync_interval_ms=args.sync_interval_ms, seed=args.seed,
+            )  # fmt: skip
+            if not (1 <= fopts.instances <= 16 and 0 < fopts.rate <= 2000 and 0 < fopts.duration <= 600):
+                raise SystemExit("fleet: --instances 1..16, --rate (0, 2000], --duration (0, 600]")
+            print(_run_async(main_async(fopts)))
         elif args.cmd == "overhead":
             from .bench import TARGETS, BenchOptions, overhead
 
