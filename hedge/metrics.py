@@ -97,7 +97,7 @@ class Metrics:
         )  # fmt: skip
         self.circuit_state = Gauge(
             "hedge_circuit_state", "Breaker state: 0 closed, 1 half-open, 2 open", pm, registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",  # a dead worker's last state must not stick (test_workers_metrics)
         )  # fmt: skip
         self.key_requests = Counter("hedge_key_requests", "Requests per gateway key", ("key_id",), registry=r)
         self.key_cost = Counter("hedge_key_cost_usd", "Spend per gateway key (USD)", ("key_id",), registry=r)

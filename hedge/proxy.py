@@ -30,7 +30,7 @@ from .feedback import DEFAULT_EAGERNESS, Feedback, Order
 from .metrics import Metrics
 from .race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Reject
 from .request import ChatRequest, parse_chat_request, parse_cost_quality, parse_preference
-from .secrets import Scrubber
+from .secrets import MIN_SECRET_LEN, REDACTED, Scrubber
 from .sse import TOKEN, FirstTokenDetector, StreamError
 from .strategy import get as get_strategy
 from .upstream import Response, UpstreamClient, UpstreamError, UpstreamTimeout, make_client
@@ -108,11 +108,14 @@ class Proxy:
         self._known_prefs = {p for p in self.config.providers} | set(self.config.models)
         self._known_prefs |= {c.endpoint for c in catalog.all_candidates()}
         self._headers: dict[str, dict[str, str]] = {}
+        self._stream_keys: dict[str, bytes] = {}  # a provider's own key, looked for in its stream
         for name, p in self.config.providers.items():
             h = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
             key = p.api_key()
             if key:
                 h["Authorization"] = f"Bearer {key}"
+                if len(key) >= MIN_SECRET_LEN:
+                    self._stream_keys[name] = key.encode()
             self._headers[name] = h
         self.tasks: set[asyncio.Task] = set()  # live attempt tasks, for leak tests
         m = self.metrics
@@ -550,6 +553,7 @@ class Proxy:
         held = b""  # the chunk with [DONE]: it leaves together with the end of the response
         total = c.provider.timeouts.total
         completed = False
+        key = self._stream_keys.get(c.provider.name)
         try:
             await out.prepare(request)
             chunk: bytes = b"".join(r.chunks)
@@ -566,6 +570,10 @@ class Proxy:
                         elif 0 < cut < len(chunk):
                             chunk, pending = chunk[:cut], chunk[cut:]
                     if chunk:
+                        if key is not None and key in chunk:
+                            # the provider echoed our key into its stream: the one edit of its bytes
+                            # we make for safety; one `in` per chunk otherwise (see secrets.py)
+                            chunk = chunk.replace(key, REDACTED)
                         if USAGE_MARK in chunk:
                             chunk, u = _take_usage(chunk, strip_usage)
                             usage = u if u is not None else usage

@@ -80,6 +80,10 @@ class Behaviour:
     Non-streaming requests answer once, when the last token would have been generated (the stream
     timeline above); a reset aborts the connection at token N, a malformed trigger answers 200 with a
     broken JSON body, an error-event trigger answers 500 with an OpenAI error JSON.
+
+    ``gate`` (streams only): content chunk ``gate_before_token`` waits until the event is set, on top of
+    its timeline. Tests use it to order events without wall-clock margins: a provider held at its gate
+    cannot finish on its own, so only the proxy can end its request (and it ends it when it wants).
     """
 
     status: int = 200
@@ -101,6 +105,8 @@ class Behaviour:
     prompt_tokens: int = 10
     chunk_padding: int = 0
     gzip: bool = False
+    gate: asyncio.Event | None = None
+    gate_before_token: int = 0
 
     def token_time(self, k: int) -> float:
         """Offset from arrival of content chunk ``k``; one formula so stream and JSON answers agree."""
@@ -678,6 +684,8 @@ class SimProvider:
                 return
             if i == n:
                 break
+            if b.gate is not None and i == b.gate_before_token:
+                await b.gate.wait()
             await _sleep_until(t0 + b.token_time(i))
             if not role_sent:
                 await self._write(resp, record, sse.role())

@@ -1,8 +1,12 @@
 """The lean upstream client over TLS (real providers are https): verified, pooled, and refusing an
-untrusted certificate. Uses a throwaway self-signed certificate made with the openssl CLI."""
+untrusted certificate. Uses a throwaway self-signed certificate made with the openssl CLI.
+
+Without the CLI the test skips locally, but fails where HEDGE_REQUIRE_OPENSSL is set (.ci/run sets it, as it
+sets HEDGE_REQUIRE_PROMETHEUS for the dashboard test), so CI can never pass with the HTTPS path untested."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import ssl
 import subprocess
@@ -14,14 +18,24 @@ from aiohttp import web
 from hedge.fastclient import FastUpstream
 from hedge.upstream import UpstreamError
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+
+def need_openssl() -> str:
+    """The openssl CLI's path; skips without it, or fails when HEDGE_REQUIRE_OPENSSL is set (CI)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        reason = "no `openssl` CLI on PATH (Debian package `openssl`)"
+        if os.environ.get("HEDGE_REQUIRE_OPENSSL"):
+            pytest.fail(reason + "; HEDGE_REQUIRE_OPENSSL is set")
+        pytest.skip(reason)
+    return openssl
 
 
 @pytest.fixture
 def cert(tmp_path: Path) -> tuple[Path, Path]:
+    openssl = need_openssl()
     key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
          "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
@@ -67,3 +81,14 @@ async def test_https_upstream(cert: tuple[Path, Path]) -> None:
         await trusted.close()
         await untrusted.close()
         await runner.cleanup()
+
+
+def test_missing_openssl_fails_where_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CI switch works: no CLI + HEDGE_REQUIRE_OPENSSL is a failure, no CLI alone a skip."""
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    monkeypatch.setenv("HEDGE_REQUIRE_OPENSSL", "1")
+    with pytest.raises(pytest.fail.Exception, match="HEDGE_REQUIRE_OPENSSL"):
+        need_openssl()
+    monkeypatch.delenv("HEDGE_REQUIRE_OPENSSL")
+    with pytest.raises(pytest.skip.Exception):
+        need_openssl()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -25,11 +25,20 @@ from .conftest import RunningProxy, chat, eventually, raw_config, run_proxy, sim
 
 URL = "/v1/chat/completions"
 ROUTE = "gammainfra/fast"
-DELAY = 1.0  # fixed hedge delay: far above a loaded machine's noise, so only the forced hedges fire
+# Fixed hedge delay. The proxy's hedge timer waits on the event loop's real time (asyncio.wait with a
+# timeout), not on its injected clock, so this stays a real second: what must happen *after* the delay
+# (a refused hedge, a client leaving after the hedge) is ordered by events (a provider's gate, a counter,
+# a request arriving); only "a answers at once" and "the client leaves right after a got the request"
+# still rely on taking less than this second on a loaded machine.
+DELAY = 1.0
 PREFER = {"X-GammaInfra-Preference": "a"}
 FAST = Behaviour(ttft=0.0, tokens=5, prompt_tokens=10)  # usage: 10 prompt + 5 completion tokens
-SLOW = Behaviour(ttft=30.0)  # never answers within the test: it must be cancelled
 PROMPT_ESTIMATE = 4  # what the proxy bills a cancelled attempt for chat(): "hi" = 0 chars/4 + 4 per message
+
+
+def held(**kw: Any) -> Behaviour:
+    """A provider held before its first content token until the test opens its gate (or never)."""
+    return Behaviour(gate=asyncio.Event(), **kw)
 
 
 class Exposition:
@@ -87,13 +96,20 @@ async def post(http: aiohttp.ClientSession, px: RunningProxy) -> tuple[int, dict
         return r.status, dict(r.headers), await r.read()
 
 
-async def disconnect_after(
-    http: aiohttp.ClientSession, px: RunningProxy, seconds: float, ps: dict[str, SimProvider], n: int
+async def disconnect_when(
+    http: aiohttp.ClientSession,
+    px: RunningProxy,
+    ready: Callable[[], bool],
+    ps: dict[str, SimProvider],
+    n: int,
 ) -> None:
-    """Send a request and hang up after `seconds`; wait until the proxy has counted the 499 and every
-    provider saw its connection closed (n = how many 499s there should be by then)."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(post(http, px), seconds)
+    """Send a request and hang up as soon as `ready()`; wait until the proxy has counted the 499 and
+    every provider saw its connection closed (n = how many 499s there should be by then)."""
+    req = asyncio.ensure_future(post(http, px))
+    assert await eventually(ready, timeout=10.0)
+    req.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await req
     m = px.proxy.metrics.requests.labels(ROUTE, "499")
     assert await eventually(lambda: m._value.get() == n, timeout=5.0)
     assert await eventually(lambda: all(r.ended for p in ps.values() for r in p.records), timeout=5.0)
@@ -116,13 +132,18 @@ async def test_metrics_agree_with_a_scripted_run(http: aiohttp.ClientSession) ->
                 assert status == 200 and headers["X-GammaInfra-Endpoint"] == "m/a@a"
             timing = parse_server_timing(headers["Server-Timing"])
             # 4: a hangs; the delay hedge (paid: tokens 1 -> 0) goes to b, which wins; a is cancelled
-            a.behaviour = SLOW
+            a.behaviour = held()
             status, headers, _ = await post(http, px)
             assert status == 200 and headers["X-GammaInfra-Endpoint"] == "m/b@b"
             hedged_timing = parse_server_timing(headers["Server-Timing"])
-            # 5: a answers after 1.5 s; at 1 s the hedge is refused (tokens 0.5 < 1); a wins
-            a.behaviour = Behaviour(ttft=1.5 * DELAY, tokens=5, prompt_tokens=10)
-            status, headers, _ = await post(http, px)
+            # 5: a holds; at the delay the hedge is refused (tokens 0.5 < 1); then a answers and wins
+            a.behaviour = gated = held(tokens=5, prompt_tokens=10)
+            req = asyncio.ensure_future(post(http, px))
+            refusals = px.proxy.metrics.budget_refusals.labels(ROUTE)
+            assert await eventually(lambda: refusals._value.get() == 1, timeout=10.0)
+            assert gated.gate is not None
+            gated.gate.set()
+            status, headers, _ = await req
             assert status == 200 and headers["X-GammaInfra-Endpoint"] == "m/a@a"
             # 6: a fails with a 503: an error hedge to b (not budgeted; tokens 1.0), b wins
             a.behaviour = Behaviour(status=503)
@@ -132,12 +153,13 @@ async def test_metrics_agree_with_a_scripted_run(http: aiohttp.ClientSession) ->
             a.behaviour = Behaviour(status=400)
             status, _, body = await post(http, px)
             assert status == 400 and b"error" in body
-            # 8: the client hangs up before the hedge: a is abandoned
-            a.behaviour = SLOW
-            b.behaviour = SLOW
-            await disconnect_after(http, px, 0.3 * DELAY, ps, 1)
-            # 9: the client hangs up after the hedge (paid: tokens 1 -> 0): a and b are abandoned
-            await disconnect_after(http, px, 1.5 * DELAY, ps, 2)
+            # 8: the client hangs up before the hedge (as soon as a has the request): a is abandoned
+            a.behaviour = held()
+            b.behaviour = held()
+            await disconnect_when(http, px, lambda: a.requests_total == 8, ps, 1)
+            # 9: the client hangs up after the hedge (paid: tokens 1 -> 0; as soon as b has it): a and
+            # b are abandoned
+            await disconnect_when(http, px, lambda: b.requests_total == 3, ps, 2)
             assert await eventually(lambda: not px.proxy.tasks)
             m = await scrape(http, px)
 

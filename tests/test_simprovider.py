@@ -645,3 +645,21 @@ def test_under_uvloop() -> None:
         assert p.open_connections() == 0
 
     uvloop.run(scenario())
+
+
+async def test_gate_holds_the_stream_until_opened(
+    make_provider: MakeProvider, session: aiohttp.ClientSession
+) -> None:
+    """Content chunk `gate_before_token` waits for the gate; the rest follows once it opens."""
+    gate = asyncio.Event()
+    p = await make_provider(Behaviour(tokens=4, gate=gate, gate_before_token=2))
+    async with await post(session, p) as r:
+        events = [await next_event(r) for _ in range(3)]  # the role chunk and two content chunks
+        assert b'"content":"alpha#0:1 "' in events[2]
+        await asyncio.sleep(0.1)  # room for a broken gate to let chunk 2 out (no assertion on time)
+        rec = p.records[0]
+        assert not rec.ended and b"alpha#0:2" not in rec.sent
+        gate.set()
+        rest = split_events(await r.read())
+    assert b'"content":"alpha#0:2 "' in rest[0] and rest[-1] == b"[DONE]"
+    assert p.records[0].completed
