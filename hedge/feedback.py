@@ -237,16 +237,6 @@ class Feedback:
     def circuit_states(self, now: float) -> dict[str, BreakerState]:
         return {k: b.state(now) for k, b in self._breakers.items()}
 
-    def last_first_token(self, c: Candidate) -> float | None:
-        """When `c` last produced a first token (what makes its estimate fresh); None if never."""
-        return self._last_exact.get(c.key)
-
-    def saw_first_token(self, c: Candidate, at: float) -> None:
-        """A peer instance saw a first token from `c` at `at` (shared state, hedge/shared.py): the
-        fleet's evidence is as fresh as its newest sample. Never moves the time back."""
-        if at > self._last_exact.get(c.key, -math.inf):
-            self._last_exact[c.key] = at
-
     def error_rate(self, c: Candidate, now: float) -> float:
         """Recent failure rate before the first token; 0 while it rests on < `min_samples` outcomes."""
         s = self.stats(c)
