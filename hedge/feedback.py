@@ -19,7 +19,9 @@ decisions a request needs, all taken with an explicit `now` so fake-clock tests 
   rule covers what used to be four: a slowed leader's waiting attempts demote it within about three of
   its old TTFTs (no silence guard); only an identified median may lead, so a provider promoted on old
   evidence takes traffic only until its own waiting attempts say otherwise (no freshness or "current"
-  groups); and a recovered provider needs four fast answers to lead (no second window).
+  groups); and a recovered provider needs four fast answers to lead (no second window). With shared
+  state the ended attempts are the fleet's newest (`Evidence.set_remote`, hedge/shared.py), so a
+  slowdown or a recovery met by another instance's traffic counts here too.
 - **exploration** (`_explore`): a healthy non-leading candidate that is unknown, has had no exact
   answer for a quarter half-life, or is promising (a fresh answer beat the leader's estimate) is raced
   *beside* the leader from the start (delay 0), so the caller gets the faster of the two and exploring

@@ -280,6 +280,50 @@ def test_evidence_travels_so_a_peer_known_candidate_is_known_and_fresh_here() ->
     assert lanes_b["stream"].ttft(c0, 50.2)[1].ended == 0
 
 
+attempts = st.lists(
+    st.tuples(st.floats(0.001, 2.0), st.floats(0.001, 5.0), st.booleans(), st.integers(0, 2)),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(attempts)
+def test_the_merged_evidence_of_any_split_equals_the_whole_streams(
+    drawn: list[tuple[float, float, bool, int]],
+) -> None:
+    """Three instances (their monotonic clocks apart) each end part of one stream of attempts; after a
+    sync each one's evidence estimate (Kaplan-Meier median, lower bound, attempts kept) and latest exact
+    answer are those of one instance that ended them all: the newest `EVIDENCE_N` of the union are the
+    newest of the parts'. (Where that median is a lower bound, `Feedback.ttft` reads the long window,
+    whose censored samples merge as each instance placed them: not compared here.)"""
+    shifts = (0.0, 5e8, -3.0)  # monotonic = wall + shift
+    insts = [_instance(n, [100.0 + d], -d)[:2] for n, d in zip("ABC", shifts, strict=True)]
+    c0 = _instance("W", [0.0], 0.0)[2].all_candidates()[0]
+    whole = _lanes(parse_config(raw_config({"a": "http://127.0.0.1:1", "b": "http://127.0.0.1:2"})))
+    t = 100.0
+    for dt, secs, censored, who in drawn:
+        t += dt
+        for fb, d in ((insts[who][1]["stream"], shifts[who]), (whole["stream"], 0.0)):
+            fb.on_launch(c0, t + d - secs)
+            if censored:
+                fb.on_cancelled(c0, secs, t + d)
+            else:
+                fb.on_first_token(c0, secs, t + d)
+    docs = [sync.publish(t + d) for (sync, _), d in zip(insts, shifts, strict=True)]
+    ref_ev = whole["stream"].evidence(c0)
+    ref, ref_at = ref_ev.estimate(t), ref_ev.last_exact_at
+    for (sync, lanes), d in zip(insts, shifts, strict=True):
+        sync.absorb(docs, t + d)
+        ev = lanes["stream"].evidence(c0)
+        assert ev.estimate(t + d) == ref
+        at = ev.last_exact_at
+        assert _close(ev.last_exact, ref_ev.last_exact)
+        assert (at is None and ref_at is None) or (at is not None and ref_at is not None)
+        if at is not None and ref_at is not None:
+            assert math.isclose(at - d, ref_at, abs_tol=1e-6)
+
+
 def test_the_window_is_the_fleets_newest_attempts_by_end_time() -> None:
     """B's window keeps the newest `EVIDENCE_N` ended attempts of B and its peers together: A's recent
     slow answers (and a slow attempt A cancelled) push B's older fast ones out; B's later answers push
