@@ -19,7 +19,9 @@ decisions a request needs, all taken with an explicit `now` so fake-clock tests 
   rule covers what used to be four: a slowed leader's waiting attempts demote it within about three of
   its old TTFTs (no silence guard); only an identified median may lead, so a provider promoted on old
   evidence takes traffic only until its own waiting attempts say otherwise (no freshness or "current"
-  groups); and a recovered provider needs four fast answers to lead (no second window).
+  groups); and a recovered provider needs four fast answers to lead (no second window). With shared
+  state the ended attempts are the fleet's newest (`Evidence.set_remote`, hedge/shared.py), so a
+  slowdown or a recovery met by another instance's traffic counts here too.
 - **exploration** (`_explore`): a healthy non-leading candidate that is unknown, has had no exact
   answer for a quarter half-life, or is promising (a fresh answer beat the leader's estimate) is raced
   *beside* the leader from the start (delay 0), so the caller gets the faster of the two and exploring
@@ -236,16 +238,6 @@ class Feedback:
 
     def circuit_states(self, now: float) -> dict[str, BreakerState]:
         return {k: b.state(now) for k, b in self._breakers.items()}
-
-    def last_first_token(self, c: Candidate) -> float | None:
-        """When `c` last produced a first token (what makes its estimate fresh); None if never."""
-        return self._last_exact.get(c.key)
-
-    def saw_first_token(self, c: Candidate, at: float) -> None:
-        """A peer instance saw a first token from `c` at `at` (shared state, hedge/shared.py): the
-        fleet's evidence is as fresh as its newest sample. Never moves the time back."""
-        if at > self._last_exact.get(c.key, -math.inf):
-            self._last_exact[c.key] = at
 
     def error_rate(self, c: Candidate, now: float) -> float:
         """Recent failure rate before the first token; 0 while it rests on < `min_samples` outcomes."""

@@ -25,8 +25,11 @@ two windows):
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from math import log
 
 from .budget import HedgeBudget
@@ -53,6 +56,9 @@ EXPLORE_SHARE = 0.125
 
 EXPLORE_BURST = 2.0
 """Exploration tokens that can accumulate: two back-to-back explorations confirm a promising answer."""
+
+Ended = tuple[float, float, int]
+"""An ended attempt: (when it ended, seconds, 0 = exact TTFT | 1 = censored: "more than seconds")."""
 
 _BUCKET = log(10.0) / 20.0  # the statistics' resolution (20 buckets per decade): "equal latency"
 
@@ -107,29 +113,59 @@ class Evidence:
     nor drowns in a high request rate; what is in flight joins it only at decision time (`estimate`).
     Reports name the attempt by its launch time; without one, the launch time is inferred from the
     elapsed time, and the closest waiting attempt is taken (which one is immaterial to the estimate).
+
+    With shared state (hedge/shared.py) the ended attempts are the fleet's: the peers' newest ones
+    (`set_remote`) join ours, and the window keeps the newest `n` of both by end time, so a slowdown
+    that another instance's traffic met counts here as if this instance had met it. Only ended
+    attempts travel; what is in flight is known where it was launched.
     """
 
     __slots__ = (
         "_cache",
-        "_ended",
         "_exact",
+        "_local",
+        "_local_exact",
+        "_n",
         "_pending",
+        "_remote",
+        "_remote_exact",
         "_sorted",
-        "last_exact",
-        "last_exact_at",
         "last_launch",
     )
 
     def __init__(self, n: int = EVIDENCE_N) -> None:
-        # (seconds, 0 = exact | 1 = censored), oldest first; exact sorts before censored at equal times
-        self._ended: deque[tuple[float, int]] = deque(maxlen=n)
-        self._sorted: list[tuple[float, int]] = []  # the same, sorted (kept per end, not per estimate)
+        self._n = n
+        # this instance's ended attempts: (ended at, seconds, 0 = exact | 1 = censored), oldest first
+        self._local: deque[Ended] = deque(maxlen=n)
+        # the peers' newest n (shared state, `set_remote`), oldest first; empty without [shared]
+        self._remote: list[Ended] = []
+        # the window (the newest n of both) as (seconds, censored), sorted: exact before censored at
+        # equal times; rebuilt per end, not per estimate
+        self._sorted: list[tuple[float, int]] = []
         self._exact = 0  # exact answers among them
         self._cache: Estimate | None = None  # the estimate while nothing is in flight (it is then timeless)
         self._pending: list[float] = []  # launch times, oldest first
         self.last_launch: float | None = None
-        self.last_exact: float | None = None  # the latest exact TTFT
-        self.last_exact_at: float | None = None  # and when it arrived
+        self._local_exact: tuple[float, float] | None = None  # (arrived at, TTFT) of our latest answer
+        self._remote_exact: tuple[float, float] | None = None  # the same, the peers' latest
+
+    @property
+    def last_exact_at(self) -> float | None:
+        """When the latest exact answer arrived, here or (shared state) at a peer."""
+        x = self._latest_exact()
+        return None if x is None else x[0]
+
+    @property
+    def last_exact(self) -> float | None:
+        """The latest exact TTFT, here or (shared state) at a peer."""
+        x = self._latest_exact()
+        return None if x is None else x[1]
+
+    def _latest_exact(self) -> tuple[float, float] | None:
+        mine, peers = self._local_exact, self._remote_exact
+        if peers is None or (mine is not None and mine[0] >= peers[0]):
+            return mine
+        return peers
 
     @property
     def pending(self) -> int:
@@ -139,11 +175,34 @@ class Evidence:
         self._pending.append(now)
         self.last_launch = now
 
-    def _end(self, obs: tuple[float, int]) -> None:
-        self._ended.append(obs)
-        self._sorted = sorted(self._ended)
-        self._exact = sum(1 for _, c in self._ended if not c)
+    def _end(self, at: float, seconds: float, censored: int) -> None:
+        self._local.append((at, seconds, censored))
+        self._window()
+
+    def _window(self) -> None:
+        """The kept attempts: the newest `n` ended ones, ours and (shared state) the peers', by end time."""
+        window: Iterable[Ended] = self._local
+        if self._remote:
+            window = heapq.nlargest(self._n, chain(self._local, self._remote))
+        self._sorted = sorted((s, c) for _, s, c in window)
+        self._exact = sum(1 for _, c in self._sorted if not c)
         self._cache = None
+
+    # -- shared state (hedge/shared.py) ---------------------------------------------------------------
+    def local_ended(self) -> list[Ended]:
+        """Our own kept attempts (ended at, seconds, censored), oldest first: what this instance publishes."""
+        return list(self._local)
+
+    def set_remote(self, ended: Iterable[Ended]) -> None:
+        """Replace the peers' ended attempts (their end times on this instance's clock). The window then
+        holds the newest `n` attempts of the whole fleet, as if one instance had served all the traffic
+        (the peers' ones late by at most a sync interval); in-flight attempts stay local."""
+        newest = heapq.nlargest(self._n, ended)
+        newest.reverse()
+        self._remote = newest
+        exact = [(at, s) for at, s, c in newest if not c]
+        self._remote_exact = exact[-1] if exact else None
+        self._window()
 
     def _take(self, launched_at: float) -> None:
         p = self._pending
@@ -157,14 +216,13 @@ class Evidence:
     def answered(self, ttft: float, now: float, launched_at: float | None = None) -> None:
         """A first token after `ttft` s: an exact observation."""
         self._take(now - ttft if launched_at is None else launched_at)
-        self._end((ttft, 0))
-        self.last_exact = ttft
-        self.last_exact_at = now
+        self._end(now, ttft, 0)
+        self._local_exact = (now, ttft)
 
     def cancelled(self, elapsed: float, now: float, launched_at: float | None = None) -> None:
         """Cancelled after `elapsed` s without a first token: TTFT > elapsed (censored)."""
         self._take(now - elapsed if launched_at is None else launched_at)
-        self._end((elapsed, 1))
+        self._end(now, elapsed, 1)
 
     def failed(self, now: float, launched_at: float | None = None) -> None:
         """Failed before a first token: no latency evidence (the error rate is kept elsewhere)."""

@@ -12,7 +12,11 @@ What is shared, per candidate and per feedback lane (streaming, non-streaming):
   at time T is ``2**(-(T - observed)/half_life)`` whoever observed it. A contribution carries its weights
   decayed to its publication time ``t``; the reader decays them on to its own now and adds them;
 * the decayed success and failure counts behind the error rate (the same algebra);
-* when the candidate last produced a first token (what makes an estimate *fresh*; merged by max);
+* the policy's evidence (`policy.Evidence`): the instance's last few ended attempts, each with its end
+  time, its TTFT or, if cancelled, "more than t". The reader keeps the newest `EVIDENCE_N` of its own
+  and the peers' by end time, so the window the order is decided by is the fleet's: a slowdown that
+  one instance's traffic meets demotes the leader everywhere at the next sync, and a candidate the
+  peers measured recently is neither unknown nor stale (due for exploration) here;
 * breaker openings, with their reopen time and ``Retry-After`` deadline: an instance adopts a peer's
   opening (`CircuitBreaker.adopt_opening`), so an outage seen by one instance protects all.
 
@@ -21,10 +25,10 @@ beside it (`set_remote`) and replaced wholesale on every sync, so a peer's sampl
 however often they are re-read, and vanish when the peer does. Adopted breaker openings are remembered
 and not re-published, so a closed breaker is not re-opened by its own echo.
 
-Not shared (each instance keeps its own): the "last few answers" window (`CandidateStats.recent`, whose
-clock is the instance's own sample count), in-flight counts and silence, exploration, the hedge budget
-(each instance's budget ratio already bounds the fleet's extra load), and the half-open probe (after a
-shared opening each instance probes for itself).
+Not shared (each instance keeps its own): attempts in flight (the policy's censored-at-their-age
+evidence: a peer's would be stale by up to a sync interval, and their outcome arrives as an ended
+attempt anyway), exploration, the hedge budget (each instance's budget ratio already bounds the
+fleet's extra load), and the half-open probe (after a shared opening each instance probes for itself).
 
 Times cross process (and host) boundaries as wall-clock seconds: each instance converts with one fixed
 offset (wall - monotonic) taken at start, so a value echoed back converts to what it was. Hosts' clocks
@@ -47,6 +51,7 @@ import orjson
 
 from .catalog import Candidate
 from .feedback import Feedback
+from .policy import EVIDENCE_N, Ended
 
 __all__ = ["FORMAT", "MAX_BLOB_BYTES", "BadContribution", "SharedSync"]
 
@@ -73,7 +78,7 @@ class _Acc:
     total: dict[int, float] = field(default_factory=dict)
     succ: float = 0.0
     fail: float = 0.0
-    exact: float | None = None  # wall time of the newest first token
+    ended: list[Ended] = field(default_factory=list)  # the peers' kept attempts, on the reader's clock
 
 
 def _flat(weights: Mapping[int, float]) -> list[float]:
@@ -106,6 +111,17 @@ def _check_weights(flat: Any, n: int, what: str) -> None:
         raise BadContribution("bad_data", f"{what}: weights must be numbers")
     if min(ws) < 0.0 or not math.isfinite(math.fsum(ws)):  # a finite sum: no inf, no nan
         raise BadContribution("bad_data", f"{what}: weights must be finite and >= 0")
+
+
+def _check_ended(flat: Any) -> None:
+    """A flat [ended at (wall), seconds, censored (0|1), ...] list of at most `EVIDENCE_N` attempts."""
+    if not isinstance(flat, list) or len(flat) % 3 or len(flat) > 3 * EVIDENCE_N:
+        raise BadContribution("bad_data", f"ev: expected a flat [at, s, 0|1, ...] list, <= {EVIDENCE_N}")
+    for k in range(0, len(flat), 3):
+        _finite(flat[k], "ev")
+        _finite(flat[k + 1], "ev", lo=0.0)
+        if flat[k + 2] not in (0, 1) or isinstance(flat[k + 2], bool):
+            raise BadContribution("bad_data", "ev: censored must be 0 or 1")
 
 
 def _add_weights(into: dict[int, float], flat: list[Any], f: float) -> None:
@@ -158,16 +174,13 @@ class SharedSync:
                 s = fb.stats(c)
                 ttft, total = s.ttft.local_weights(now), s.total.local_weights(now)
                 succ, fail = s.local_outcomes(now)
-                x = fb.last_first_token(c)
-                if not (ttft or total or succ or fail or x is not None):
+                ended = fb.evidence(c).local_ended()
+                if not (ttft or total or succ or fail or ended):
                     continue
-                out[key] = {
-                    "ttft": _flat(ttft),
-                    "total": _flat(total),
-                    "ok": succ,
-                    "err": fail,
-                    "x": None if x is None else x + off,
-                }
+                ev: list[float] = []
+                for at, secs, censored in ended:
+                    ev += (at + off, secs, censored)
+                out[key] = {"ttft": _flat(ttft), "total": _flat(total), "ok": succ, "err": fail, "ev": ev}
             lanes[name] = out
         opens: dict[str, list[float | None]] = {}
         seen: set[int] = set()
@@ -235,8 +248,7 @@ class SharedSync:
                 _check_weights(e.get("total", []), n, "total")
                 _finite(e.get("ok", 0.0), "ok", lo=0.0)
                 _finite(e.get("err", 0.0), "err", lo=0.0)
-                if e.get("x") is not None:
-                    _finite(e["x"], "x")
+                _check_ended(e.get("ev", []))
         for o in doc["open"].values():
             if not isinstance(o, list) or len(o) != 2:
                 raise BadContribution("bad_data", "open: expected [until, hold]")
@@ -270,9 +282,9 @@ class SharedSync:
                     _add_weights(a.total, e.get("total", []), f)
                     a.succ += e.get("ok", 0.0) * f
                     a.fail += e.get("err", 0.0) * f
-                    x = e.get("x")
-                    if x is not None and (a.exact is None or x > a.exact):
-                        a.exact = float(x)
+                    ev = e.get("ev", [])
+                    for k in range(0, len(ev), 3):  # a clock ahead of ours: ended now, not later
+                        a.ended.append((min(now, ev[k] - self.offset), float(ev[k + 1]), int(ev[k + 2])))
             for key, (until_w, hold_w) in doc["open"].items():
                 if key not in self.candidates:
                     continue
@@ -328,8 +340,8 @@ class SharedSync:
         opens: Mapping[str, tuple[float, float | None]],
         now: float,
     ) -> None:
-        """Make the merged peers' contribution the `remote` part of every candidate's statistics, carry
-        their freshness over, and adopt their breaker openings."""
+        """Make the merged peers' contribution the `remote` part of every candidate's statistics and
+        evidence, and adopt their breaker openings."""
         for _ in self.install_steps(acc, opens, now):
             pass
 
@@ -357,8 +369,7 @@ class SharedSync:
                 s.ttft.set_remote({i: w * d for i, w in a.ttft.items()}, t)
                 s.total.set_remote({i: w * d for i, w in a.total.items()}, t)
                 s.set_remote_outcomes(a.succ * d, a.fail * d, t)
-                if a.exact is not None:
-                    fb.saw_first_token(c, min(t, a.exact - self.offset))
+                fb.evidence(c).set_remote(a.ended)
                 yield
         self.remote_candidates = remote
         first = next(iter(self.lanes.values()))

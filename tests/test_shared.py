@@ -243,25 +243,111 @@ def test_bad_and_mismatched_peers_are_skipped_and_counted() -> None:
     doc = orjson.loads(good)
     wrong_hl = orjson.dumps({**doc, "hl": 99.0})
     bad_bucket = orjson.dumps({**doc, "id": "C", "lanes": {"stream": {c0.key: {"ttft": [10**6, 1.0]}}}})
-    peers, bad = b.absorb([b"\x00junk", wrong_hl, bad_bucket, b'{"v": 1}', good], 10.0)
+    entry = doc["lanes"]["stream"][c0.key]
+    bad_ev = [
+        orjson.dumps({**doc, "id": "D", "lanes": {"stream": {c0.key: {**entry, "ev": ev}}}})
+        for ev in ([10.0, 0.1, 2], [10.0, -0.1, 0], [10.0, 0.1], [10.0, 0.1, 0] * 8, "x")
+    ]
+    peers, bad = b.absorb([b"\x00junk", wrong_hl, bad_bucket, b'{"v": 1}', *bad_ev, good], 10.0)
     assert peers == 1
-    assert bad == {"bad_data": 3, "mismatch": 1}
+    assert bad == {"bad_data": 3 + len(bad_ev), "mismatch": 1}
     assert b.lanes["stream"].stats(c0).ttft.weight(10.0) == pytest.approx(1.0)
     # its own document, read back from Redis, is not merged into itself
     assert a.absorb([good], 10.0) == (0, {})
 
 
-def test_freshness_travels_so_a_peer_known_candidate_is_known_here() -> None:
+def test_evidence_travels_so_a_peer_known_candidate_is_known_and_fresh_here() -> None:
+    """A's answers enter B's evidence window: B's policy has an identified median for a candidate it
+    never called, and its latest answer (what staleness, hence exploration, counts from)."""
     clock = [50.0]
     a, lanes_a, cat = _instance("A", clock, 0.0)
     b, lanes_b, _ = _instance("B", clock, 0.0)
     c0 = cat.all_candidates()[0]
     for k in range(5):
         lanes_a["stream"].on_first_token(c0, 0.2, 50.0 + k * 0.01)
+    assert lanes_b["stream"].ttft(c0, 50.1)[0] is None  # unknown before a sync
     b.absorb([a.publish(50.1)], 50.1)
-    assert lanes_b["stream"].last_first_token(c0) == pytest.approx(50.04)
-    assert lanes_b["stream"].stats(c0).current_ttft(50.1) == pytest.approx(0.2, rel=0.13)
+    ev = lanes_b["stream"].evidence(c0)
+    assert ev.last_exact_at == pytest.approx(50.04) and ev.last_exact == pytest.approx(0.2)
+    ttft, est = lanes_b["stream"].ttft(c0, 50.1)
+    assert ttft == pytest.approx(0.2) and not est.lower_bound and est.ended == 5
+    assert ev.local_ended() == []  # none of it is B's to publish
+    assert orjson.loads(b.publish(50.1))["lanes"]["stream"] == {}
+    assert lanes_b["stream"].stats(c0).expected_ttft(50.1) == pytest.approx(0.2, rel=0.13)
     assert lanes_b["json"].stats(c0).ttft.weight(50.1) == 0.0  # lanes stay apart
+    assert lanes_b["json"].ttft(c0, 50.1)[0] is None
+    b.absorb([], 50.2)  # the peer is forgotten: so is its evidence
+    assert lanes_b["stream"].ttft(c0, 50.2)[1].ended == 0
+
+
+attempts = st.lists(
+    st.tuples(st.floats(0.001, 2.0), st.floats(0.001, 5.0), st.booleans(), st.integers(0, 2)),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(attempts)
+def test_the_merged_evidence_of_any_split_equals_the_whole_streams(
+    drawn: list[tuple[float, float, bool, int]],
+) -> None:
+    """Three instances (their monotonic clocks apart) each end part of one stream of attempts; after a
+    sync each one's evidence estimate (Kaplan-Meier median, lower bound, attempts kept) and latest exact
+    answer are those of one instance that ended them all: the newest `EVIDENCE_N` of the union are the
+    newest of the parts'. (Where that median is a lower bound, `Feedback.ttft` reads the long window,
+    whose censored samples merge as each instance placed them: not compared here.)"""
+    shifts = (0.0, 5e8, -3.0)  # monotonic = wall + shift
+    insts = [_instance(n, [100.0 + d], -d)[:2] for n, d in zip("ABC", shifts, strict=True)]
+    c0 = _instance("W", [0.0], 0.0)[2].all_candidates()[0]
+    whole = _lanes(parse_config(raw_config({"a": "http://127.0.0.1:1", "b": "http://127.0.0.1:2"})))
+    t = 100.0
+    for dt, secs, censored, who in drawn:
+        t += dt
+        for fb, d in ((insts[who][1]["stream"], shifts[who]), (whole["stream"], 0.0)):
+            fb.on_launch(c0, t + d - secs)
+            if censored:
+                fb.on_cancelled(c0, secs, t + d)
+            else:
+                fb.on_first_token(c0, secs, t + d)
+    docs = [sync.publish(t + d) for (sync, _), d in zip(insts, shifts, strict=True)]
+    ref_ev = whole["stream"].evidence(c0)
+    ref, ref_at = ref_ev.estimate(t), ref_ev.last_exact_at
+    for (sync, lanes), d in zip(insts, shifts, strict=True):
+        sync.absorb(docs, t + d)
+        ev = lanes["stream"].evidence(c0)
+        assert ev.estimate(t + d) == ref
+        at = ev.last_exact_at
+        assert _close(ev.last_exact, ref_ev.last_exact)
+        assert (at is None and ref_at is None) or (at is not None and ref_at is not None)
+        if at is not None and ref_at is not None:
+            assert math.isclose(at - d, ref_at, abs_tol=1e-6)
+
+
+def test_the_window_is_the_fleets_newest_attempts_by_end_time() -> None:
+    """B's window keeps the newest `EVIDENCE_N` ended attempts of B and its peers together: A's recent
+    slow answers (and a slow attempt A cancelled) push B's older fast ones out; B's later answers push
+    A's out again. In-flight attempts stay where they were launched."""
+    clock = [10.0]
+    a, lanes_a, cat = _instance("A", clock, 0.0)
+    b, lanes_b, _ = _instance("B", clock, 0.0)
+    c0 = cat.all_candidates()[0]
+    fa, fb = lanes_a["stream"], lanes_b["stream"]
+    for k in range(7):
+        fb.on_first_token(c0, 0.01, 10.0 + k * 0.01)  # B: fast, at 10.00-10.06
+    for k in range(6):
+        fa.on_first_token(c0, 0.3, 11.0 + k * 0.01)  # A: slow, later
+    fa.on_cancelled(c0, 0.5, 11.1)
+    fa.on_launch(c0, 11.1)  # in flight at A: not published
+    b.absorb([a.publish(11.2)], 11.2)
+    ttft, est = fb.ttft(c0, 11.2)
+    assert ttft == pytest.approx(0.3) and not est.lower_bound and est.ended == 7 and est.pending == 0
+    assert fb.evidence(c0).last_exact == pytest.approx(0.3)
+    for k in range(4):
+        fb.on_first_token(c0, 0.02, 11.3 + k * 0.01)  # B's newer answers outvote A's
+    ttft, est = fb.ttft(c0, 11.4)
+    assert ttft == pytest.approx(0.02) and est.ended == 7
+    assert len(orjson.loads(b.publish(11.4))["lanes"]["stream"][c0.key]["ev"]) == 3 * 7  # B's own only
 
 
 # -------------------------------------------------------------------------------- config
