@@ -81,7 +81,7 @@ _MODELS = (
 async def start_demo_providers(seed: int = 7) -> list[SimProvider]:
     """Start the demo's simulated providers on ephemeral loopback ports."""
     providers = [
-        SimProvider(name, PROFILES[profile], seed=seed + i, keep_records=False)
+        SimProvider(name, PROFILES[profile], seed=seed + i, keep_records=False, prose=True)
         for i, (name, profile) in enumerate(DEMO_PROVIDERS)
     ]
     for p in providers:
