@@ -179,44 +179,48 @@ def _is_tokens(v: Any) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
 
 
+def _strings_or_tokens(body: dict[str, Any], key: str, *, empty_strings: bool) -> tuple[int, int]:
+    """`input` of embeddings, `prompt` of completions: a string, an array of strings, an array of
+    tokens (one entry) or an array of token arrays. Returns (entries, characters; a token counts as
+    CHARS_PER_TOKEN so estimates stay comparable)."""
+    value = body.get(key)
+    if value is None:
+        raise _bad(f"Missing required parameter: '{key}'.", key, "missing_required_parameter")
+    if isinstance(value, str):
+        if not value and not empty_strings:
+            raise _bad(f"'{key}' cannot be an empty string.", key)
+        return 1, len(value)
+    if not isinstance(value, list):
+        raise _bad(
+            f"'{key}' must be a string, an array of strings, or an array of token arrays.",
+            key,
+            "invalid_type",
+        )
+    if not value:
+        raise _bad(f"'{key}' must contain at least one item.", key, "empty_array")
+    if _is_tokens(value):
+        return 1, len(value) * CHARS_PER_TOKEN
+    chars = 0
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            if not item and not empty_strings:
+                raise _bad(f"{key}[{i}] cannot be an empty string.", f"{key}[{i}]")
+            chars += len(item)
+        elif _is_tokens(item):
+            chars += len(item) * CHARS_PER_TOKEN
+        else:
+            raise _bad(
+                f"{key}[{i}] must be a string or an array of integer tokens.", f"{key}[{i}]", "invalid_type"
+            )
+    return len(value), chars
+
+
 def parse_embeddings_request(raw: bytes, max_inputs: int = MAX_EMBEDDING_INPUTS) -> EmbeddingsRequest:
     """POST /v1/embeddings. `input`: a string, an array of strings, an array of tokens, or an array of
     token arrays; at most `max_inputs` entries (the model's limit), none empty."""
     body = _object(raw)
     model = _model(body)
-    inp = body.get("input")
-    if inp is None:
-        raise _bad("Missing required parameter: 'input'.", "input", "missing_required_parameter")
-    if isinstance(inp, str):
-        if not inp:
-            raise _bad("'input' cannot be an empty string.", "input")
-        n, chars = 1, len(inp)
-    elif isinstance(inp, list):
-        if not inp:
-            raise _bad("'input' must contain at least one item.", "input", "empty_array")
-        if _is_tokens(inp):
-            n, chars = 1, len(inp) * CHARS_PER_TOKEN
-        else:
-            n, chars = len(inp), 0
-            for i, item in enumerate(inp):
-                if isinstance(item, str):
-                    if not item:
-                        raise _bad(f"input[{i}] cannot be an empty string.", f"input[{i}]")
-                    chars += len(item)
-                elif _is_tokens(item):
-                    chars += len(item) * CHARS_PER_TOKEN
-                else:
-                    raise _bad(
-                        f"input[{i}] must be a string or an array of integer tokens.",
-                        f"input[{i}]",
-                        "invalid_type",
-                    )
-    else:
-        raise _bad(
-            "'input' must be a string, an array of strings, or an array of token arrays.",
-            "input",
-            "invalid_type",
-        )
+    n, chars = _strings_or_tokens(body, "input", empty_strings=False)
     if n > max_inputs:
         raise _bad(
             f"'input' has {n} items; this model takes at most {max_inputs} per request.",
@@ -252,35 +256,7 @@ def parse_completions_request(raw: bytes) -> CompletionsRequest:
     or an array of token arrays."""
     body = _object(raw)
     model = _model(body)
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise _bad("Missing required parameter: 'prompt'.", "prompt", "missing_required_parameter")
-    if isinstance(prompt, str):
-        chars = len(prompt)
-    elif isinstance(prompt, list) and prompt:
-        if _is_tokens(prompt):
-            chars = len(prompt) * CHARS_PER_TOKEN
-        else:
-            chars = 0
-            for i, item in enumerate(prompt):
-                if isinstance(item, str):
-                    chars += len(item)
-                elif _is_tokens(item):
-                    chars += len(item) * CHARS_PER_TOKEN
-                else:
-                    raise _bad(
-                        f"prompt[{i}] must be a string or an array of integer tokens.",
-                        f"prompt[{i}]",
-                        "invalid_type",
-                    )
-    elif isinstance(prompt, list):
-        raise _bad("'prompt' must contain at least one item.", "prompt", "empty_array")
-    else:
-        raise _bad(
-            "'prompt' must be a string, an array of strings, or an array of token arrays.",
-            "prompt",
-            "invalid_type",
-        )
+    _, chars = _strings_or_tokens(body, "prompt", empty_strings=True)
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
         raise _bad("'suffix' must be a string.", "suffix", "invalid_type")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -17,29 +16,14 @@ from hedge.dialects import COMPLETIONS, EMBEDDINGS, RESPONSES, StreamDetector, U
 from hedge.simformats import SENTENCES, embedding_vector, prose_words
 from hedge.simprovider import MAX_STORED_RESPONSES, Behaviour, SimProvider
 
-MakeProvider = Callable[..., Awaitable[SimProvider]]
-EARLY = 0.005  # timer slack: a sleep may wake this much before its deadline
+from .test_simprovider import EARLY, MakeProvider, make_provider, session
 
-
-@pytest.fixture
-async def make_provider() -> AsyncIterator[MakeProvider]:
-    started: list[SimProvider] = []
-
-    async def make(behaviour: Any = None, name: str = "alpha", **kw: Any) -> SimProvider:
-        p = SimProvider(name, behaviour, **kw)
-        await p.start()
-        started.append(p)
-        return p
-
-    yield make
-    for p in started:
-        await p.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
+__all__ = ["make_provider", "session"]  # fixtures shared with the chat tests of the simulator
+FAULTS = {
+    "reset": "reset_after_tokens",
+    "malformed": "malformed_after_tokens",
+    "error": "error_event_after_tokens",
+}
 
 
 def sdk(p: SimProvider) -> openai.AsyncOpenAI:
@@ -155,12 +139,7 @@ async def test_created_at_once_first_delta_late(
 async def test_responses_stream_faults(
     make_provider: MakeProvider, session: aiohttp.ClientSession, fault: str
 ) -> None:
-    key = {
-        "reset": "reset_after_tokens",
-        "malformed": "malformed_after_tokens",
-        "error": "error_event_after_tokens",
-    }
-    p = await make_provider(Behaviour(tokens=4, **{key[fault]: 0}))
+    p = await make_provider(Behaviour(tokens=4, **{FAULTS[fault]: 0}))
     body = {"model": "m", "input": "x", "stream": True}
     try:
         async with session.post(p.base_url + "/responses", json=body) as resp:
@@ -284,12 +263,7 @@ async def test_embeddings_same_vectors_on_every_provider(
 async def test_embeddings_faults(
     make_provider: MakeProvider, session: aiohttp.ClientSession, fault: str
 ) -> None:
-    key = {
-        "reset": "reset_after_tokens",
-        "malformed": "malformed_after_tokens",
-        "error": "error_event_after_tokens",
-    }
-    p = await make_provider(Behaviour(ttft=0.02, **{key[fault]: 0}))
+    p = await make_provider(Behaviour(ttft=0.02, **{FAULTS[fault]: 0}))
     try:
         async with session.post(p.base_url + "/embeddings", json={"model": "e", "input": "x"}) as resp:
             status, raw = resp.status, await resp.read()
