@@ -4,6 +4,7 @@ state, with the official `openai` SDK as the client where it proves SDK compatib
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Any
 
@@ -11,8 +12,20 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from aiohttp import web
 
-from hedge.dialects import COMPLETIONS, EMBEDDINGS, RESPONSES, StreamDetector, Usage, parse_json_body
+from hedge.dialects import (
+    COMPLETIONS,
+    EMBEDDINGS,
+    RESPONSES,
+    StreamDetector,
+    Usage,
+    end_at,
+    event_cut,
+    insert_cost,
+    parse_json_body,
+    take_usage,
+)
 from hedge.simformats import SENTENCES, embedding_vector, prose_words
 from hedge.simprovider import MAX_STORED_RESPONSES, Behaviour, SimProvider
 
@@ -296,3 +309,54 @@ async def test_timing_and_errors_apply_to_every_api(
         assert resp.status == 200
     rec = p.records[-1]
     assert rec.finished_at is not None and rec.finished_at - rec.arrived_at >= 0.1 - EARLY
+
+
+async def test_forwarded_responses_stream_with_cost_trailer_parses_in_the_sdk(
+    make_provider: MakeProvider, session: aiohttp.ClientSession
+) -> None:
+    """The forwarding helpers on a real Responses stream, cut at random: the bytes come out exactly,
+    plus one trailer comment after response.completed, and the SDK still parses every event."""
+    p = await make_provider(Behaviour(tokens=5, prompt_tokens=1000))
+    async with session.post(
+        p.base_url + "/responses", json={"model": "m", "input": "x", "stream": True}
+    ) as r:
+        raw = await r.read()
+    rnd = random.Random(5)
+    for _ in range(50):
+        out, pending, usage, i = b"", b"", None, 0
+        while i < len(raw):
+            n = rnd.randint(1, 200)
+            buf, i = pending + raw[i : i + n], i + n
+            cut = event_cut(buf)
+            whole, pending = buf[:cut], buf[cut:]
+            whole, u = take_usage(whole, RESPONSES, strip=True)
+            usage = u or usage
+            at = end_at(whole, RESPONSES)
+            if at is not None:
+                assert usage is not None
+                whole = insert_cost(whole, at, f"{usage.cost_usd(1.0, 2.0):.6f}")
+            out += whole
+        out += pending
+        assert usage == Usage(1000, 5)
+        trailer = b": X-GammaInfra-Cost-USD: 0.001010\n\n"
+        assert out == raw + trailer
+
+    async def serve(_: web.Request) -> web.Response:
+        return web.Response(body=out, content_type="text/event-stream")
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", serve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        async with client:
+            stream = await client.responses.create(model="m", input="x", stream=True)
+            types = [e.type async for e in stream]
+    finally:
+        await runner.cleanup()
+    assert types[0] == "response.created" and types[-1] == "response.completed"
+    assert types.count("response.output_text.delta") == 5
