@@ -7,16 +7,22 @@ it hands out; this module keeps those records within a size and an age, in O(1) 
 Entries are kept in creation order (an `OrderedDict`), so the oldest entry is always first: eviction by
 size and expiry by age both pop from the front. A lookup does not refresh an entry: its age is the
 response's age, and a continuation creates a new id of its own that is recorded fresh. An id we do not
-know, or no longer know, is `None`: the edge answers 404, and never guesses a provider.
+know, or no longer know, is `None`: the edge answers 404 (`owner_or_404`), and never guesses a
+provider. `pin` picks the one candidate a continuation goes to: the plan's first at the owner.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from .errors import ApiError
+
+if TYPE_CHECKING:
+    from .catalog import Candidate
 
 V = TypeVar("V")
 
@@ -87,3 +93,33 @@ class AffinityMap(Generic[V]):
                 break
             entries.popitem(last=False)
             self.evicted_age += 1
+
+
+def owner_or_404(owners: AffinityMap[str], response_id: str, param: str | None = None) -> str:
+    """The provider that holds `response_id`, or the 404 the caller gets: never a guess, since asking
+    another provider would only earn its own 404 (or worse, a different response with the same id)."""
+    owner = owners.lookup(response_id)
+    if owner is None:
+        what = "Previous response" if param == "previous_response_id" else "Response"
+        raise ApiError(
+            404,
+            f"{what} with id '{response_id[:128]}' not found. The gateway knows the responses it created "
+            "recently; an older one, or one made elsewhere, cannot be reached through it.",
+            param=param,
+            code="previous_response_not_found" if param == "previous_response_id" else "not_found",
+        )
+    return owner
+
+
+def pin(candidates: Iterable[Candidate], owner: str, model: str) -> Candidate:
+    """The one candidate a stateful request goes to: the first of the plan at the owning provider."""
+    for c in candidates:
+        if c.provider.name == owner:
+            return c
+    raise ApiError(
+        400,
+        f"The previous response was created by provider '{owner}', which does not serve '{model}'. "
+        "Continue it with a model that provider serves, or start a new response.",
+        param="previous_response_id",
+        code="previous_response_provider_mismatch",
+    )

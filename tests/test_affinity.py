@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from hedge.affinity import AffinityConfig, AffinityMap
+from hedge.affinity import AffinityConfig, AffinityMap, owner_or_404, pin
+from hedge.catalog import Catalog
+from hedge.config import parse_config
+from hedge.demo import demo_raw_config
+from hedge.errors import ApiError
 
 
 class Clock:
@@ -72,3 +76,29 @@ def test_expiry_pops_only_from_the_front() -> None:
 def test_config_bounds_must_be_positive(n: int, age: float) -> None:
     with pytest.raises(ValueError):
         AffinityConfig(max_entries=n, max_age_s=age)
+
+
+def test_unknown_ids_are_404_in_openai_shape() -> None:
+    m: AffinityMap[str] = AffinityMap(clock=Clock())
+    m.remember("resp_1", "sim-beta")
+    assert owner_or_404(m, "resp_1") == "sim-beta"
+    with pytest.raises(ApiError) as e:
+        owner_or_404(m, "resp_2")
+    assert (e.value.status, e.value.code, e.value.param) == (404, "not_found", None)
+    with pytest.raises(ApiError) as e:
+        owner_or_404(m, "resp_2", "previous_response_id")
+    assert (e.value.code, e.value.param) == ("previous_response_not_found", "previous_response_id")
+    assert b"resp_2" in e.value.body()
+
+
+def test_pin_goes_to_the_owner_even_when_it_is_not_first() -> None:
+    urls = {"sim-alpha": "http://x/v1", "sim-beta": "http://y/v1", "sim-gamma": "http://z/v1"}
+    cat = Catalog(parse_config(demo_raw_config(urls)))
+    fast = cat.resolve("gammainfra/fast").candidates
+    assert fast[0].provider.name == "sim-alpha"
+    assert pin(fast, "sim-beta", "gammainfra/fast").endpoint == "openai/gpt-5-mini@sim-beta"
+    assert pin(fast, "sim-gamma", "gammainfra/fast").endpoint == "google/gemini-2.5-flash@sim-gamma"
+    pinned = cat.resolve("anthropic/claude-haiku-4.5").candidates  # served by sim-beta only
+    with pytest.raises(ApiError) as e:
+        pin(pinned, "sim-alpha", "anthropic/claude-haiku-4.5")
+    assert (e.value.status, e.value.code) == (400, "previous_response_provider_mismatch")
