@@ -17,25 +17,37 @@ from typing import Any
 import orjson
 
 # Prose for generated answers: demo output reads as text. Which sentence starts an answer depends on
-# the provider and the request, so two answers (and two providers) still differ.
+# the provider and the request, so two answers (and two providers) still differ. The short ones let an
+# answer of any length end on a whole sentence.
 SENTENCES = (
     "The fastest provider answered first, and the slower ones were cancelled.",
     "A hedged request waits a little, then asks a second provider as well.",
     "Tail latency falls when a stalled call is raced by a fresh one.",
     "Every extra attempt is counted against a small budget.",
     "The winner's bytes pass through exactly as the provider sent them.",
+    "Thanks for asking.",
+    "That is all.",
+    "Hello!",
 )
 
 
+_LONG = [s.split() for s in SENTENCES[:5]]
+_SHORT = [s.split() for s in SENTENCES[5:]]  # fillers, longest first
+
+
 def prose_words(seed: str, n: int) -> list[str]:
-    """`n` words (each with its trailing space) of prose, starting at a sentence chosen by `seed`."""
-    start = int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=4).digest(), "big")
+    """`n` words (each with its trailing space) of whole sentences, starting at one chosen by `seed`:
+    each next sentence is the next long one that still fits, else the longest filler that does."""
+    i = int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=4).digest(), "big")
     words: list[str] = []
-    i = start
     while len(words) < n:
-        words.extend(w + " " for w in SENTENCES[i % len(SENTENCES)].split())
-        i += 1
-    return words[:n]
+        room = n - len(words)
+        fits = [_LONG[(i + k) % len(_LONG)] for k in range(len(_LONG))] + _SHORT
+        sentence = next(s for s in fits if len(s) <= room)  # "Hello!" always fits
+        if sentence in _LONG:
+            i = _LONG.index(sentence) + 1
+        words.extend(w + " " for w in sentence)
+    return words
 
 
 # ------------------------------------------------------------------------------------ Responses API

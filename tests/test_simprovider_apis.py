@@ -360,3 +360,19 @@ async def test_forwarded_responses_stream_with_cost_trailer_parses_in_the_sdk(
         await runner.cleanup()
     assert types[0] == "response.created" and types[-1] == "response.completed"
     assert types.count("response.output_text.delta") == 5
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 13, 20, 57])
+def test_prose_is_whole_sentences_of_the_asked_length(n: int) -> None:
+    for seed in ("a/0", "a/1", "b/0"):
+        words = prose_words(seed, n)
+        assert len(words) == n and all(w.endswith(" ") and w.strip() for w in words)
+        assert words[-1].rstrip().endswith((".", "!"))
+        text = "".join(words).strip()
+        while text:  # the answer is whole sentences from the set, one after another
+            sentence = next((s for s in SENTENCES if text.startswith(s)), None)
+            assert sentence is not None, text
+            text = text[len(sentence) :].lstrip()
+    assert prose_words("a/0", 20) != prose_words("a/1", 20) or prose_words("b/0", 20) != prose_words(
+        "a/0", 20
+    )
