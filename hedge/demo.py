@@ -4,7 +4,9 @@ can be seen working with no API keys.
 Three simulated providers with different latency profiles serve a small catalog. `openai/gpt-5-mini`
 carries the seed's figures (0.25 / 2.00 USD per 1M tokens, 256K context, 128K max output); the other
 models' prices are illustrative. `gammainfra/fast` races all three providers, so a first `curl` shows a
-hedge winning whenever the stall-prone primary stalls.
+hedge winning whenever the stall-prone primary stalls. The embedding models (tagged `embeddings`,
+priced per input token only) are not in any chat route; `apisupport.model_apis` keeps them out of
+chat races once the proxy serves /v1/embeddings.
 """
 
 from __future__ import annotations
@@ -49,6 +51,22 @@ def demo_raw_config(base_urls: dict[str, str], host: str = "127.0.0.1", port: in
                 "serve": [{"provider": g, "model": "gemini-2.5-flash"}],
                 "tags": ["long-context", "chat"], "quality": 0.7,
             },
+            "openai/text-embedding-3-small": {
+                "input_usd_per_mtok": 0.02, "output_usd_per_mtok": 0.0,
+                "context_window": 8192, "max_output_tokens": 1,
+                "serve": [
+                    {"provider": a, "model": "text-embedding-3-small"},
+                    {"provider": b, "model": "text-embedding-3-small"},
+                ],
+                "tags": ["embeddings"], "quality": 0.6,
+                "description": "Embeddings (POST /v1/embeddings only); two providers, so requests race.",
+            },
+            "openai/text-embedding-3-large": {
+                "input_usd_per_mtok": 0.13, "output_usd_per_mtok": 0.0,
+                "context_window": 8192, "max_output_tokens": 1,
+                "serve": [{"provider": g, "model": "text-embedding-3-large"}],
+                "tags": ["embeddings"], "quality": 0.8,
+            },
             "meta-llama/llama-3.1-8b-instruct": {
                 "input_usd_per_mtok": 0.02, "output_usd_per_mtok": 0.05,
                 "context_window": 131072, "max_output_tokens": 16384,
@@ -81,7 +99,7 @@ _MODELS = (
 async def start_demo_providers(seed: int = 7) -> list[SimProvider]:
     """Start the demo's simulated providers on ephemeral loopback ports."""
     providers = [
-        SimProvider(name, PROFILES[profile], seed=seed + i, keep_records=False)
+        SimProvider(name, PROFILES[profile], seed=seed + i, keep_records=False, prose=True)
         for i, (name, profile) in enumerate(DEMO_PROVIDERS)
     ]
     for p in providers:

@@ -12,6 +12,10 @@ tool.  Two things matter more than features:
   `aiohttp.web.Server` (no router, no access log) and SSE events are assembled from pre-serialised byte
   prefixes: one small ``orjson.dumps`` per content chunk and one ``resp.write`` per event.
 
+Besides chat completions it speaks the Responses API (streaming and not, plus GET/DELETE/cancel/
+input_items for the responses it created), legacy completions and embeddings, with the same `Behaviour`
+timing and faults; the wire formats are in `simformats`. Each answer carries `X-Sim-Provider: <name>`.
+
 Run providers as separate processes (so they do not share a CPU with the proxy under test)::
 
     python -m hedge.simprovider --name alpha --port 9001 --profile fast
@@ -28,6 +32,7 @@ import random
 import signal
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +40,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+
+from .simformats import (
+    CompletionsSse,
+    ResponsesSse,
+    completion_object,
+    embedding_inputs,
+    embeddings_object,
+    input_items,
+    prose_words,
+    response_object,
+    response_usage,
+)
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -49,6 +66,8 @@ __all__ = [
 DEFAULT_MODELS: tuple[str, ...] = ("gpt-5-mini", "gpt-4o-mini", "sim-small", "sim-large")
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_STORED_RESPONSES = 10_000  # responses kept for GET/DELETE/previous_response_id (oldest dropped)
+EMBEDDING_DIMS = 16  # default vector size; a request's `dimensions` overrides it
 _DONE = b"data: [DONE]\n\n"
 _MALFORMED = b"data: {not json\n\n"
 _ERROR_TYPES = {
@@ -84,6 +103,12 @@ class Behaviour:
     ``gate`` (streams only): content chunk ``gate_before_token`` waits until the event is set, on top of
     its timeline. Tests use it to order events without wall-clock margins: a provider held at its gate
     cannot finish on its own, so only the proxy can end its request (and it ends it when it wants).
+
+    The other APIs use the same timeline. A Responses stream sends response.created and
+    response.in_progress with the headers (at ``headers_delay``, like chat's role chunk) and its first
+    output_text delta at ``ttft``: a ``ttft`` well after ``headers_delay`` is a provider that answers at
+    once but thinks for long. Embeddings answer whole at ``max(ttft, headers_delay)``; any trigger
+    fires there.
     """
 
     status: int = 200
@@ -201,6 +226,7 @@ class RequestRecord:
     disconnected_at: float | None = None
     completed: bool = False
     sent: bytearray = field(default_factory=bytearray, repr=False)
+    api: str = "chat"  # chat | responses | completions | embeddings
     _ended: asyncio.Event | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -244,6 +270,15 @@ class _Sse:
     def role(self) -> bytes:
         return self._pre + b'{"role":"assistant","content":""}' + self._tail
 
+    opening = role
+
+    def closing(self, reason: str, prompt: int, completion: int) -> list[bytes]:
+        """The finish chunk and, when asked for, the usage chunk: two events, two writes."""
+        events = [self.finish(reason)]
+        if self.include_usage:
+            events.append(self.usage(prompt, completion))
+        return events
+
     def content(self, text: str) -> bytes:
         return self._pre + b'{"content":' + orjson.dumps(text) + b"}" + self._tail
 
@@ -268,6 +303,15 @@ class _Sse:
     @staticmethod
     def error(message: str) -> bytes:
         return b"data: " + error_json(message, 500) + b"\n\n"
+
+
+_Encoder = _Sse | ResponsesSse | CompletionsSse
+_APIS = {
+    "/chat/completions": "chat",
+    "/responses": "responses",
+    "/completions": "completions",
+    "/embeddings": "embeddings",
+}
 
 
 class _HeadersWithFirstWrite(web.StreamResponse):
@@ -339,6 +383,7 @@ class SimProvider:
         seed: int | None = None,
         keep_records: bool = True,
         models: tuple[str, ...] | list[str] = DEFAULT_MODELS,
+        prose: bool = False,
     ) -> None:
         self.name = name
         self.behaviour: BehaviourSource = Behaviour() if behaviour is None else behaviour
@@ -346,6 +391,12 @@ class SimProvider:
         self.port = port
         self.keep_records = keep_records
         self.models = list(models)
+        # prose=True: generated answers are short sentences (the demo); False: `name#request:word`
+        # pieces, which tests use to tell whose bytes arrived
+        self.prose = prose
+        self.stored: OrderedDict[str, dict[str, Any]] = OrderedDict()  # Responses it created, by id
+        self._stored_inputs: dict[str, Any] = {}
+        self._background: dict[str, asyncio.Task[None]] = {}
         self.records: list[RequestRecord] = []
         self.requests_total = 0
         self.disconnects_total = 0
@@ -376,6 +427,9 @@ class SimProvider:
             await self._site.stop()
             self._site = None
         self._abort_connections()
+        for task in self._background.values():
+            task.cancel()
+        self._background.clear()
         await self._runner.cleanup()
         self._runner = None
         self._server = None
@@ -449,7 +503,7 @@ class SimProvider:
         return record.disconnected_at
 
     async def wait_requests(self, n: int, timeout: float = 1.0) -> None:  # noqa: ASYNC109 - test helper
-        """Wait until at least ``n`` chat requests have arrived (polls; meant for tests)."""
+        """Wait until at least ``n`` generation requests (any API) have arrived (polls; meant for tests)."""
         deadline = time.monotonic() + timeout
         while self.requests_total < n:
             if time.monotonic() >= deadline:
@@ -459,14 +513,57 @@ class SimProvider:
     # -- request handling ---------------------------------------------------------------------------
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        path = request.path.rstrip("/")
-        if path in ("/v1/chat/completions", "/chat/completions"):
+        path = request.path.rstrip("/").removeprefix("/v1")
+        api = _APIS.get(path)
+        if api is not None:
             if request.method != "POST":
                 return _error_response(405, "use POST")
-            return await self._chat(request)
-        if path in ("/v1/models", "/models") and request.method == "GET":
+            return await self._generate(request, api)
+        if path == "/models" and request.method == "GET":
             return self._models_response()
+        if path.startswith("/responses/"):
+            return await self._response_state(request, path.split("/")[2:])
         return _error_response(404, f"no route {request.method} {request.path}")
+
+    async def _response_state(self, request: web.BaseRequest, parts: list[str]) -> web.Response:
+        """GET/DELETE /v1/responses/{id}, POST .../cancel, GET .../input_items: only for our own ids."""
+        rid, rest = parts[0], "/".join(parts[1:])
+        obj = self.stored.get(rid)
+        if obj is None:
+            return _error_response(404, f"No response found with id '{rid}'.")
+        method = request.method
+        if rest == "" and method == "GET":
+            return _json_response(obj, self.name)
+        if rest == "" and method == "DELETE":
+            del self.stored[rid]
+            self._stored_inputs.pop(rid, None)
+            return _json_response({"id": rid, "object": "response", "deleted": True}, self.name)
+        if rest == "cancel" and method == "POST":
+            if not obj.get("background"):
+                return _error_response(400, "Only responses created with background=true can be cancelled.")
+            task = self._background.pop(rid, None)
+            if task is not None:
+                task.cancel()
+                obj["status"] = "cancelled"
+            return _json_response(obj, self.name)
+        if rest == "input_items" and method == "GET":
+            data = input_items(self._stored_inputs.get(rid), rid)
+            page = {
+                "object": "list",
+                "data": data,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+                "has_more": False,
+            }
+            return _json_response(page, self.name)
+        return _error_response(405 if rest in ("", "cancel", "input_items") else 404, "not allowed here")
+
+    def _store(self, rid: str, obj: dict[str, Any], inp: Any) -> None:
+        self.stored[rid] = obj
+        self._stored_inputs[rid] = inp
+        while len(self.stored) > MAX_STORED_RESPONSES:
+            old, _ = self.stored.popitem(last=False)
+            self._stored_inputs.pop(old, None)
 
     def _models_response(self) -> web.Response:
         data = [
@@ -484,7 +581,7 @@ class SimProvider:
             return source.sample(self._rng)
         return source(record)
 
-    async def _chat(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _generate(self, request: web.BaseRequest, api: str) -> web.StreamResponse:
         arrived = time.monotonic()
         raw = await request.read()
         try:
@@ -493,7 +590,8 @@ class SimProvider:
             return _error_response(400, "request body is not valid JSON")
         if not isinstance(body, dict):
             return _error_response(400, "request body must be a JSON object")
-        record = RequestRecord(self.requests_total, arrived, body, body.get("stream") is True)
+        stream = body.get("stream") is True and api != "embeddings"
+        record = RequestRecord(self.requests_total, arrived, body, stream, api=api)
         self.requests_total += 1
         if self.keep_records:
             self.records.append(record)
@@ -502,6 +600,17 @@ class SimProvider:
             behaviour = self._behaviour_for(record)
             if behaviour.status != 200:
                 return await self._send_error(request, record, behaviour)
+            prev = body.get("previous_response_id") if api == "responses" else None
+            if prev is not None and prev not in self.stored:
+                resp = _error_response(
+                    404, f"Previous response with id '{prev}' not found.", "previous_response_id",
+                    "previous_response_not_found",
+                )  # fmt: skip
+                return await self._send_whole(request, record, resp, complete=False)
+            if api == "embeddings":
+                return await self._send_embeddings(request, record, behaviour)
+            if api == "responses" and body.get("background") is True and not record.stream:
+                return await self._start_background(request, record, behaviour)
             if record.stream:
                 return await self._send_stream(request, record, behaviour)
             return await self._send_json(request, record, behaviour)
@@ -530,6 +639,8 @@ class SimProvider:
         """Content pieces; generated ones name provider and request so no two streams look alike."""
         if b.text is not None:
             words = [w + " " for w in b.text.split()]
+        elif self.prose:
+            words = prose_words(f"{self.name}/{record.index}", b.tokens)
         else:
             words = [f"{self.name}#{record.index}:{i} " for i in range(b.tokens)]
         if b.chunk_padding > 0:
@@ -539,7 +650,9 @@ class SimProvider:
 
     def _ids(self, record: RequestRecord) -> tuple[str, str]:
         model = record.body.get("model")
-        return f"chatcmpl-sim{self.name}{record.index}", model if isinstance(model, str) else "sim-model"
+        prefix = {"chat": "chatcmpl-", "responses": "resp_", "completions": "cmpl-"}.get(record.api, "emb-")
+        tag = "".join(ch for ch in self.name if ch.isalnum())
+        return f"{prefix}sim{tag}{record.index}", model if isinstance(model, str) else "sim-model"
 
     async def _write(self, resp: web.StreamResponse, record: RequestRecord, data: bytes) -> None:
         """One event, one write; bytes are recorded only once the write was accepted."""
@@ -598,7 +711,96 @@ class SimProvider:
             return await self._send_whole(request, record, resp, complete=False)
         await _sleep_until(t0 + b.end_time(n))
         cid, model = self._ids(record)
-        body = orjson.dumps(
+        if record.api == "responses":
+            obj = self._response(
+                record, cid, model, "completed", "".join(words), response_usage(b.prompt_tokens, n)
+            )
+            body = orjson.dumps(obj)
+        elif record.api == "completions":
+            body = completion_object(cid, model, "".join(words), b.finish_reason, b.prompt_tokens, n)
+        else:
+            body = self._chat_object(cid, model, words, b)
+        resp = web.Response(
+            body=gzip.compress(body, 1, mtime=0) if b.gzip else body, content_type="application/json"
+        )
+        resp.headers["X-Sim-Provider"] = self.name
+        if b.gzip:
+            resp.headers["Content-Encoding"] = "gzip"
+        record.first_token_at = time.monotonic()
+        return await self._send_whole(request, record, resp)
+
+    def _response(
+        self, record: RequestRecord, rid: str, model: str, status: str, text: str | None, usage: Any
+    ) -> dict[str, Any]:
+        """A Responses object for `record`, stored (unless store=false) for the state endpoints."""
+        body = record.body
+        prev = body.get("previous_response_id")
+        obj = response_object(
+            rid, model, status, created_at=int(record.arrived_at), text=text, usage=usage,
+            previous_response_id=prev if isinstance(prev, str) else None,
+            background=body.get("background") is True, msg_id="msg_" + rid.removeprefix("resp_"),
+        )  # fmt: skip
+        if body.get("store") is not False:
+            self._store(rid, obj, body.get("input"))
+        return obj
+
+    async def _start_background(
+        self, request: web.BaseRequest, record: RequestRecord, b: Behaviour
+    ) -> web.StreamResponse:
+        """background=true: answer `queued` at once; the response completes later, unless cancelled."""
+        await _sleep_until(record.arrived_at + b.headers_delay)
+        rid, model = self._ids(record)
+        obj = self._response(record, rid, model, "queued", None, None)
+        obj["background"] = True
+        words = self._words(record, b)
+
+        async def finish() -> None:
+            await _sleep_until(record.arrived_at + b.end_time(len(words)))
+            done = self._response(
+                record, rid, model, "completed", "".join(words), response_usage(b.prompt_tokens, len(words))
+            )
+            done["background"] = True
+            self._background.pop(rid, None)
+
+        self._background[rid] = asyncio.get_running_loop().create_task(finish())
+        resp = web.Response(body=orjson.dumps(obj), content_type="application/json")
+        resp.headers["X-Sim-Provider"] = self.name
+        return await self._send_whole(request, record, resp)
+
+    async def _send_embeddings(
+        self, request: web.BaseRequest, record: RequestRecord, b: Behaviour
+    ) -> web.StreamResponse:
+        body = record.body
+        await _sleep_until(record.arrived_at + b.end_time(0))
+        if b.reset_after_tokens is not None:
+            return self._abort(request, record)
+        if b.malformed_after_tokens is not None:
+            resp = web.Response(
+                body=b'{"object": "list", "data": [{"embedding": [0.1,', content_type="application/json"
+            )
+            return await self._send_whole(request, record, resp, complete=False)
+        if b.error_event_after_tokens is not None:
+            resp = _error_response(500, f"simulated embeddings error from provider {self.name}")
+            return await self._send_whole(request, record, resp, complete=False)
+        texts = embedding_inputs(body.get("input"))
+        if not texts:
+            return await self._send_whole(
+                request, record, _error_response(400, "'input' is missing or invalid")
+            )
+        dims = body.get("dimensions")
+        dims = dims if isinstance(dims, int) and 0 < dims <= 4096 else EMBEDDING_DIMS
+        _, model = self._ids(record)
+        payload = embeddings_object(
+            model, texts, dims, body.get("encoding_format") == "base64", b.prompt_tokens * len(texts)
+        )
+        resp = web.Response(body=payload, content_type="application/json")
+        resp.headers["X-Sim-Provider"] = self.name
+        record.first_token_at = time.monotonic()
+        return await self._send_whole(request, record, resp)
+
+    @staticmethod
+    def _chat_object(cid: str, model: str, words: list[str], b: Behaviour) -> bytes:
+        return orjson.dumps(
             {
                 "id": cid,
                 "object": "chat.completion",
@@ -612,17 +814,10 @@ class SimProvider:
                         "finish_reason": b.finish_reason,
                     }
                 ],
-                "usage": _usage(b.prompt_tokens, n),
+                "usage": _usage(b.prompt_tokens, len(words)),
                 "system_fingerprint": None,
             }
         )
-        resp = web.Response(
-            body=gzip.compress(body, 1, mtime=0) if b.gzip else body, content_type="application/json"
-        )
-        if b.gzip:
-            resp.headers["Content-Encoding"] = "gzip"
-        record.first_token_at = time.monotonic()
-        return await self._send_whole(request, record, resp)
 
     def _abort(self, request: web.BaseRequest, record: RequestRecord) -> web.StreamResponse:
         """Kill the TCP connection (RST); aiohttp's later attempt to finish the response fails quietly."""
@@ -638,10 +833,20 @@ class SimProvider:
         cid, model = self._ids(record)
         opts = record.body.get("stream_options")
         include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-        sse = _Sse(cid, int(time.time()), model, include_usage)
-        resp = _HeadersWithFirstWrite() if b.role_chunk_with_headers else web.StreamResponse()
+        sse: _Encoder
+        if record.api == "responses":
+            prev = record.body.get("previous_response_id")
+            background = record.body.get("background") is True
+            sse = ResponsesSse(cid, model, prev if isinstance(prev, str) else None, background)
+        elif record.api == "completions":
+            sse = CompletionsSse(cid, int(time.time()), model, include_usage)
+        else:
+            sse = _Sse(cid, int(time.time()), model, include_usage)
+        with_first = b.role_chunk_with_headers and record.api != "completions"  # no role chunk there
+        resp = _HeadersWithFirstWrite() if with_first else web.StreamResponse()
         resp.content_type = "text/event-stream"
         resp.headers["Cache-Control"] = "no-cache"
+        resp.headers["X-Sim-Provider"] = self.name
         try:
             await self._stream_events(request, record, b, resp, sse, words)
         except ConnectionResetError:
@@ -654,15 +859,16 @@ class SimProvider:
         record: RequestRecord,
         b: Behaviour,
         resp: web.StreamResponse,
-        sse: _Sse,
+        sse: _Encoder,
         words: list[str],
     ) -> None:
         t0 = record.arrived_at
         await _sleep_until(t0 + b.headers_delay)
         await resp.prepare(request)
-        role_sent = b.role_chunk_with_headers
-        if role_sent:
-            await self._write(resp, record, sse.role())
+        opening = sse.opening()
+        role_sent = b.role_chunk_with_headers or not opening
+        if role_sent and opening:
+            await self._write(resp, record, opening)
         record.headers_sent_at = time.monotonic()
         n = len(words)
         for i in range(n + 1):
@@ -677,7 +883,7 @@ class SimProvider:
                 return
             if i == b.error_event_after_tokens:
                 await self._write(
-                    resp, record, _Sse.error(f"simulated stream error from provider {self.name}")
+                    resp, record, sse.error(f"simulated stream error from provider {self.name}")
                 )
                 await resp.write_eof()
                 self._finished(record, completed=False)
@@ -688,18 +894,23 @@ class SimProvider:
                 await b.gate.wait()
             await _sleep_until(t0 + b.token_time(i))
             if not role_sent:
-                await self._write(resp, record, sse.role())
+                await self._write(resp, record, opening)
                 role_sent = True
             await self._write(resp, record, sse.content(words[i]))
             if i == 0:
                 record.first_token_at = time.monotonic()
         await _sleep_until(t0 + b.end_time(n))
         if not role_sent:
-            await self._write(resp, record, sse.role())
-        await self._write(resp, record, sse.finish(b.finish_reason))
-        if sse.include_usage:
-            await self._write(resp, record, sse.usage(b.prompt_tokens, n))
-        if b.done:
+            await self._write(resp, record, opening)
+        if isinstance(sse, ResponsesSse):
+            tail, final = sse.closing(b.prompt_tokens)
+            if record.body.get("store") is not False:
+                self._store(sse.rid, final, record.body.get("input"))
+            await self._write(resp, record, tail)
+        else:
+            for event in sse.closing(b.finish_reason, b.prompt_tokens, n):
+                await self._write(resp, record, event)
+        if b.done and not isinstance(sse, ResponsesSse):  # the Responses API has no [DONE]
             await self._write(resp, record, _DONE)
         await resp.write_eof()
         self._finished(record, completed=True)
@@ -722,8 +933,17 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _error_response(status: int, message: str) -> web.Response:
-    return web.Response(status=status, body=error_json(message, status), content_type="application/json")
+def _error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> web.Response:
+    err = {"message": message, "type": _ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}
+    return web.Response(status=status, body=orjson.dumps({"error": err}), content_type="application/json")
+
+
+def _json_response(obj: Any, provider: str) -> web.Response:
+    resp = web.Response(body=orjson.dumps(obj), content_type="application/json")
+    resp.headers["X-Sim-Provider"] = provider
+    return resp
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -746,7 +966,12 @@ def _arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m hedge.simprovider", description="Run simulated OpenAI-compatible providers."
     )
-    p.add_argument("--name", default="sim", help="provider name (appears in generated tokens)")
+    p.add_argument(
+        "--name", default="sim", help="provider name (in the X-Sim-Provider header, and in tagged text)"
+    )
+    p.add_argument(
+        "--prose", action="store_true", help="generate short sentences instead of `name#request:word` pieces"
+    )
     p.add_argument("--port", type=int, default=9001)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--profile", default="fast", choices=sorted(PROFILES))
@@ -761,7 +986,7 @@ def _arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _serve(specs: list[tuple[str, int, str]], host: str, seed: int | None) -> None:
+async def _serve(specs: list[tuple[str, int, str]], host: str, seed: int | None, prose: bool = False) -> None:
     providers = [
         SimProvider(
             name,
@@ -770,6 +995,7 @@ async def _serve(specs: list[tuple[str, int, str]], host: str, seed: int | None)
             port=port,
             seed=None if seed is None else seed + i,
             keep_records=False,
+            prose=prose,
         )
         for i, (name, port, profile) in enumerate(specs)
     ]
@@ -798,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     import uvloop
 
-    uvloop.run(_serve(specs, args.host, args.seed))
+    uvloop.run(_serve(specs, args.host, args.seed, prose=args.prose))
     return 0
 
 
