@@ -4,6 +4,7 @@ python -m loadtest run --scenario stalls --duration 20 --rate 100
 python -m loadtest run --scenario degrade --concurrency 16
 python -m loadtest overhead --concurrency 1 --requests 2000
 python -m loadtest scenarios
+python -m loadtest abuse [--only zip-bomb,slowloris] [--scale 0.1]
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=int, default=8080)
 
     sub.add_parser("scenarios", help="list the scenarios")
+
+    a = sub.add_parser("abuse", help="issue 13's hostile-client attacks at full size, with their cost")
+    a.add_argument("--only", help="comma-separated attacks (default: all)")
+    a.add_argument("--scale", type=float, default=1.0, help="multiply every attack's count/size by this")
+    a.add_argument("--out", type=Path, default=Path("loadtest/results/abuse"), help="logs and configs")
     return p
 
 
@@ -131,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
             for name, desc in s.describe(30.0).items():
                 print(f"{'':9}   {name}: {desc}")
         return 0
+    if args.cmd == "abuse":
+        from . import abuse
+
+        names = list(abuse.ATTACKS) if not args.only else [n.strip() for n in args.only.split(",")]
+        bad = [n for n in names if n not in abuse.ATTACKS]
+        if bad:
+            raise SystemExit(f"--only: choose from {', '.join(abuse.ATTACKS)} (got {', '.join(bad)})")
+        return int(_run_async(abuse.main(names, args.out, args.scale)))
     if args.cmd == "config":
         from .run import proxy_config
 
