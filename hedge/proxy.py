@@ -638,6 +638,12 @@ class Proxy:
         connection aborted, which no HTTP client can mistake for a complete answer. Returns what
         happened: "error_event", "aborted" or "client_gone"."""
         transport = request.transport
+        proto = request.protocol
+        waiter = getattr(proto, "_drain_waiter", None)
+        if waiter is not None and waiter.cancelled():
+            # the cancel that brought us here hit aiohttp's drain, which keeps that cancelled future and
+            # would hand it to the next drain: every write below would raise CancelledError at once
+            proto._drain_waiter = None
         try:
             async with asyncio.timeout(self.config.server.shutdown_write_timeout_s):
                 message = "The gateway is shutting down; this answer is incomplete."

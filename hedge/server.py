@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -297,10 +297,10 @@ class _GuardedHandler(_JsonErrorHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._guard.gate.admit():
             # refuse before the parser, the handler task or any buffer exists for this connection
-            assert isinstance(transport, asyncio.Transport)
+            tr = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
             self._manager = None  # connection_lost: nothing of aiohttp's to undo
-            transport.write(REFUSED)
-            transport.close()
+            tr.write(REFUSED)
+            tr.close()
             return
         self._admitted = True
         super().connection_made(transport)

@@ -203,6 +203,7 @@ class Outcome:
     fds_after: int = 0
     error_lines: int = 0
     log_bytes: int = 0
+    log_growth: int = 0  # bytes the gateway logged while the attack ran
     seconds: float = 0.0
     notes: str = ""
 
@@ -418,8 +419,10 @@ async def run_attack(
         out.fds_before = gw.fds()
         out.rss_before_mb = gw.rss_kb() / 1024
         t0 = time.perf_counter()
+        log0 = gw.log_bytes()
         async with probe:
             await fn(gw, out, **size)
+        out.log_growth = gw.log_bytes() - log0
         out.seconds = time.perf_counter() - t0
         out.peak_rss_mb = gw.peak_rss_kb() / 1024
         out.healthz_worst_ms = probe.worst * 1000
