@@ -27,6 +27,7 @@ from typing import Protocol
 from .errors import ApiError
 
 ENCODINGS = ("identity", "gzip", "x-gzip", "deflate")
+PUMP_BYTES = 1 << 20  # decoded bytes per slice between yields to the event loop (BodyDecoder.pump)
 
 
 def too_large(limit: int) -> ApiError:
@@ -107,10 +108,18 @@ class BodyDecoder:
         self._z: zlib._Decompress | None = None
         self._seen = b""  # deflate: the first bytes, to tell zlib-wrapped from raw deflate
         self._ended = False  # the compressed stream reached its end marker
+        self._pending = b""  # compressed input not yet decoded (see `pump`)
         if encoding == "gzip":
             self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
 
     def feed(self, data: bytes) -> None:
+        """Take `data` and decode all of it now."""
+        self.put(data)
+        while self.pump():
+            pass
+
+    def put(self, data: bytes) -> None:
+        """Take `data`; compressed input is decoded by `pump`, a slice at a time."""
         if not data:
             return
         if self.encoding == "identity":
@@ -125,12 +134,18 @@ class BodyDecoder:
             data, self._seen = self._seen, b""
             zlib_wrapped = (data[0] & 0x0F) == 8 and ((data[0] << 8) | data[1]) % 31 == 0
             self._z = zlib.decompressobj(zlib.MAX_WBITS if zlib_wrapped else -zlib.MAX_WBITS)
-        self._inflate(data)
+        self._pending = self._pending + data if self._pending else data
 
-    def _inflate(self, data: bytes) -> None:
+    def pump(self, budget: int = PUMP_BYTES) -> bool:
+        """Decode pending input into at most about `budget` bytes of output; True if input is left.
+
+        A small gzip can hold megabytes of output per kilobyte: the slices let the caller yield to the
+        event loop between them, so inflating up to the limit never stalls other requests for long."""
         z = self._z
-        assert z is not None
-        while data:
+        data = self._pending
+        made = 0
+        while data and made < budget:
+            assert z is not None
             if self._ended:
                 # gzip allows several members one after another; anything else after the end is junk
                 if self.encoding == "gzip" and data[:2] == b"\x1f\x8b":
@@ -139,20 +154,25 @@ class BodyDecoder:
                 elif data.strip(b"\x00"):
                     raise _bad_compression(self.encoding)
                 else:
-                    return
+                    data = b""
+                    break
             room = self.limit - len(self.out)
             try:
-                chunk = z.decompress(data, room + 1)  # never more than one byte past the limit
+                # never more than one byte past the limit, nor much past the budget
+                chunk = z.decompress(data, min(room + 1, budget - made))
             except zlib.error:
                 raise _bad_compression(self.encoding) from None
             if len(chunk) > room:
                 raise too_large(self.limit)
             self.out += chunk
+            made += len(chunk)
             if z.eof:
                 self._ended = True
                 data = z.unused_data
             else:
                 data = z.unconsumed_tail
+        self._pending = data
+        return bool(data)
 
     def finish(self) -> bytearray:
         """The decoded body; 400 if a compressed body stopped before its end marker."""
@@ -171,7 +191,9 @@ async def read_body(stream: ByteStream, decoder: BodyDecoder, seconds: float) ->
     try:
         async with asyncio.timeout(seconds):
             while chunk := await stream.readany():
-                decoder.feed(chunk)
+                decoder.put(chunk)
+                while decoder.pump():  # noqa: ASYNC110 (a yield, not a wait)
+                    await asyncio.sleep(0)  # a slice of output at a time: other requests run between
     except TimeoutError:
         raise ApiError(
             408, f"The request body did not arrive within {seconds:g} s.", code="body_timeout"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gzip
 import os
 import re
@@ -130,10 +131,10 @@ class Probe:
     async def sample(self, n: int) -> list[float]:
         """`n` probes now (the baseline before an attack)."""
         out: list[float] = []
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.gw.port)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.gw.port), 10)
         try:
             for _ in range(n):
-                out.append(await _healthz(reader, writer))
+                out.append(await asyncio.wait_for(_healthz(reader, writer), 10))
         finally:
             writer.close()
         return out
@@ -148,7 +149,10 @@ class Probe:
                 except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
                     self.failures += 1
                     writer.close()
-                    reader, writer = await asyncio.open_connection("127.0.0.1", self.gw.port)
+                    with contextlib.suppress(OSError, TimeoutError):
+                        reader, writer = await asyncio.wait_for(
+                            asyncio.open_connection("127.0.0.1", self.gw.port), 10
+                        )
                 if k % 5 == 0:
                     self.fd_peak = max(self.fd_peak, self.gw.fds())
                 k += 1
@@ -258,9 +262,11 @@ HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: 
 
 
 async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A connection, or None if the connect fails or takes over 10 s (a SYN dropped in a burst is
+    retried by the kernel after 1, 3, 7 ... s)."""
     try:
-        return await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
+        return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+    except (OSError, TimeoutError):
         return None
 
 
@@ -311,7 +317,7 @@ async def half_open(gw: Gateway, out: Outcome, n: int = 20_000, within: float = 
     """N connections that each send 47 bytes of a request head (no key) and then nothing."""
     t0 = time.perf_counter()
     partial = HEAD[:47]
-    sem = asyncio.Semaphore(500)  # how many connects are in flight at once (the client's own backlog)
+    sem = asyncio.Semaphore(200)  # connects in flight at once: bursts beyond loopback's queue drop SYNs
     closed_at: list[float] = []
 
     async def one() -> str:
@@ -342,7 +348,7 @@ async def slow_uploads(
 ) -> None:
     """N authenticated uploads stalled after 10 body bytes; meanwhile `normal` chat requests must pass."""
     head = HEAD + f"Authorization: Bearer {KEY}\r\nContent-Length: 1000\r\n\r\n".encode() + b'{"model":'
-    sem = asyncio.Semaphore(500)
+    sem = asyncio.Semaphore(200)
     stalled: list[asyncio.StreamReader] = []
 
     async def one() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
@@ -405,9 +411,10 @@ ATTACKS: dict[str, tuple[Attack, dict[str, Any], dict[str, Any]]] = {
 
 
 async def run_attack(
-    name: str, workdir: Path, server: dict[str, Any] | None = None, **kwargs: Any
+    name: str, workdir: Path, server: dict[str, Any] | None = None, *, limit: float = 600.0, **kwargs: Any
 ) -> Outcome:
-    """One attack against a fresh gateway; `server` and `kwargs` override the full-size defaults."""
+    """One attack against a fresh gateway; `server` and `kwargs` override the full-size defaults; the
+    attack may take `limit` seconds at most."""
     fn, size, srv = ATTACKS[name]
     size = {**size, **kwargs}
     out = Outcome(name, ", ".join(f"{k}={v}" for k, v in size.items()))
@@ -420,7 +427,7 @@ async def run_attack(
         out.rss_before_mb = gw.rss_kb() / 1024
         t0 = time.perf_counter()
         log0 = gw.log_bytes()
-        async with probe:
+        async with probe, asyncio.timeout(limit):  # no attack may hang the run
             await fn(gw, out, **size)
         out.log_growth = gw.log_bytes() - log0
         out.seconds = time.perf_counter() - t0

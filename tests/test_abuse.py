@@ -30,6 +30,9 @@ from .test_shutdown import serve
 FAST = {"header_timeout_s": 1.0, "keepalive_timeout_s": 2.0, "body_timeout_s": 1.5}
 
 
+LIMIT = 60.0  # no attack may hang the suite
+
+
 def check_common(o: Outcome, rss_growth_mb: float, extra_fds: int = 0) -> None:
     # no 500 (a 503 is the connection limit's fast refusal, on purpose)
     assert not [s for s in o.statuses if "500" in s or "internal" in s], o.statuses
@@ -43,7 +46,7 @@ def check_common(o: Outcome, rss_growth_mb: float, extra_fds: int = 0) -> None:
 
 async def test_1_compressed_tiny_messages_are_refused_before_parsing(tmp_path: Path) -> None:
     # 500,000 messages in a ~12 KB gzip (6.5 MB of JSON), two at once: parsing one would take ~180 MB
-    o = await run_attack("compressed-messages", tmp_path, FAST, n=500_000, parallel=2)
+    o = await run_attack("compressed-messages", tmp_path, limit=LIMIT, server=FAST, n=500_000, parallel=2)
     assert o.statuses == {"400 request_too_complex": 2}, o
     check_common(o, rss_growth_mb=40)
 
@@ -51,7 +54,9 @@ async def test_1_compressed_tiny_messages_are_refused_before_parsing(tmp_path: P
 async def test_1_zip_bomb_stops_at_the_decompressed_limit(tmp_path: Path) -> None:
     # 256 MiB of zeros against an 8 MiB limit: inflating stops at 8 MiB (the bytearray's growth may
     # hold up to twice that for a moment)
-    o = await run_attack("zip-bomb", tmp_path, {**FAST, "max_body_bytes": 8 << 20}, mib=256, parallel=2)
+    o = await run_attack(
+        "zip-bomb", tmp_path, limit=LIMIT, server={**FAST, "max_body_bytes": 8 << 20}, mib=256, parallel=2
+    )
     assert o.statuses == {"413 request_too_large": 2}, o
     check_common(o, rss_growth_mb=2 * 2 * 8 + 16)
 
@@ -59,13 +64,15 @@ async def test_1_zip_bomb_stops_at_the_decompressed_limit(tmp_path: Path) -> Non
 async def test_2_slowloris_is_closed_at_the_head_timeout(tmp_path: Path) -> None:
     # one byte a second, for longer than the 1 s head timeout: the attack's own wait (`within`, 6 s)
     # bounds the test, and every socket must have been closed by the gateway within it
-    o = await run_attack("slowloris", tmp_path, FAST, n=100, within=6.0)
+    o = await run_attack("slowloris", tmp_path, limit=LIMIT, server=FAST, n=100, within=6.0)
     assert o.statuses["closed"] == 100 and o.statuses["still open"] == 0, o
     check_common(o, rss_growth_mb=20)
 
 
 async def test_2_half_open_flood_is_held_under_the_connection_limit(tmp_path: Path) -> None:
-    o = await run_attack("half-open", tmp_path, {**FAST, "max_connections": 200}, n=600, within=6.0)
+    o = await run_attack(
+        "half-open", tmp_path, limit=LIMIT, server={**FAST, "max_connections": 200}, n=600, within=6.0
+    )
     assert o.statuses["still open"] == 0, o
     assert sum(o.statuses.values()) == 600, o
     assert o.statuses["refused 503"] >= 600 - 200, o  # past the limit: refused at once
@@ -76,14 +83,14 @@ async def test_2_half_open_flood_is_held_under_the_connection_limit(tmp_path: Pa
 
 async def test_3_slow_uploads_hold_no_concurrency_slot(tmp_path: Path) -> None:
     server = {**FAST, "max_concurrency": 8}
-    o = await run_attack("slow-uploads", tmp_path, server, n=60, normal=6, within=6.0)
+    o = await run_attack("slow-uploads", tmp_path, limit=LIMIT, server=server, n=60, normal=6, within=6.0)
     assert o.statuses["normal 200"] == 6, o  # while 60 uploads were stalled against 8 slots
     assert o.statuses["upload 408"] == 60, o  # and each stalled upload ended at the body timeout
     check_common(o, rss_growth_mb=20, extra_fds=6)  # the upstream pool keeps what the 6 opened
 
 
 async def test_4_broken_compression_is_a_4xx_and_logs_nothing(tmp_path: Path) -> None:
-    o = await run_attack("bad-compression", tmp_path, FAST, n=40)
+    o = await run_attack("bad-compression", tmp_path, limit=LIMIT, server=FAST, n=40)
     assert set(o.statuses) == {
         "400 bad_compression", "401 missing_api_key", "415 unsupported_encoding"
     }, o  # fmt: skip

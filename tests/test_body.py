@@ -165,3 +165,13 @@ async def test_read_body_times_out_with_a_408() -> None:
 async def test_read_body_reads_to_the_end() -> None:
     out = await read_body(Trickle([b"ab", b"cd"], stall=False), BodyDecoder("identity", 100), 5)
     assert out == b"abcd"
+
+
+def test_pump_decodes_a_slice_at_a_time() -> None:
+    dec = BodyDecoder("gzip", 8 << 20)
+    dec.put(gzip.compress(b"x" * (4 << 20)))
+    slices = 0
+    while dec.pump(1 << 20):
+        slices += 1
+        assert len(dec.out) <= slices * (1 << 20)
+    assert slices >= 3 and bytes(dec.finish()) == b"x" * (4 << 20)
