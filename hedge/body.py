@@ -14,7 +14,8 @@ Everything here but `read_body` is sans-IO: plain functions and a `BodyDecoder` 
   as little as 2 bytes of input. Every value but the last in an array or object is followed by a comma,
   so `commas + '{' + '[' + 1` bounds the number of values from above. Counting three bytes is a memchr
   pass (a few ms for 32 MB) and counts them inside strings too, which only makes it an upper bound: a
-  legitimate prompt has about one comma per hundred characters of prose.
+  legitimate prompt has about one comma per hundred characters of prose. `BodyDecoder` counts as the
+  decoded bytes arrive, so such a body is refused once the bound is passed, not after all of it is in.
 """
 
 from __future__ import annotations
@@ -79,15 +80,23 @@ def check_declared_length(headers: Mapping[str, str], limit: int) -> None:
         raise too_large(limit)
 
 
+def count_items(data: bytes | bytearray) -> int:
+    """An upper bound on the JSON values starting in `data` (see the module docstring)."""
+    return data.count(b",") + data.count(b"{") + data.count(b"[")
+
+
+def too_complex(max_items: int) -> ApiError:
+    return ApiError(
+        400,
+        f"The request body holds too many JSON values (this gateway accepts {max_items}).",
+        code="request_too_complex",
+    )
+
+
 def check_shape(raw: bytes | bytearray, max_items: int) -> None:
     """Refuse a body whose parse could cost far more than its size (see the module docstring)."""
-    items = raw.count(b",") + raw.count(b"{") + raw.count(b"[") + 1
-    if items > max_items:
-        raise ApiError(
-            400,
-            f"The request body holds too many JSON values (up to {items}; this gateway accepts {max_items}).",
-            code="request_too_complex",
-        )
+    if count_items(raw) + 1 > max_items:
+        raise too_complex(max_items)
 
 
 def _bad_compression(enc: str) -> ApiError:
@@ -101,9 +110,11 @@ class BodyDecoder:
 
     Decoded bytes go into one bytearray (no second copy: orjson parses a bytearray as it is)."""
 
-    def __init__(self, encoding: str, limit: int) -> None:
+    def __init__(self, encoding: str, limit: int, max_items: int | None = None) -> None:
         self.encoding = encoding
         self.limit = limit
+        self.max_items = max_items  # the shape bound, counted as the body arrives: stop early
+        self.items = 1
         self.out = bytearray()
         self._z: zlib._Decompress | None = None
         self._seen = b""  # deflate: the first bytes, to tell zlib-wrapped from raw deflate
@@ -125,7 +136,7 @@ class BodyDecoder:
         if self.encoding == "identity":
             if len(self.out) + len(data) > self.limit:
                 raise too_large(self.limit)
-            self.out += data
+            self._append(data)
             return
         if self._z is None:  # deflate: RFC 9110 says zlib-wrapped; some clients send raw deflate
             self._seen += data
@@ -164,7 +175,7 @@ class BodyDecoder:
                 raise _bad_compression(self.encoding) from None
             if len(chunk) > room:
                 raise too_large(self.limit)
-            self.out += chunk
+            self._append(chunk)
             made += len(chunk)
             if z.eof:
                 self._ended = True
@@ -173,6 +184,13 @@ class BodyDecoder:
                 data = z.unconsumed_tail
         self._pending = data
         return bool(data)
+
+    def _append(self, chunk: bytes) -> None:
+        if self.max_items is not None:
+            self.items += count_items(chunk)
+            if self.items > self.max_items:
+                raise too_complex(self.max_items)
+        self.out += chunk
 
     def finish(self) -> bytearray:
         """The decoded body; 400 if a compressed body stopped before its end marker."""

@@ -29,7 +29,6 @@ from .body import (
     check_content_type,
     check_declared_length,
     check_encoding,
-    check_shape,
     read_body,
 )
 from .catalog import Candidate, Catalog, Plan
@@ -168,8 +167,8 @@ class Proxy:
         sc = self.config.server
         # the body is read (bounded in size, time and decoded size) and parsed before the request takes a
         # concurrency slot: a slow upload holds a connection, never a slot
-        raw = await read_body(request.content, BodyDecoder(encoding, sc.max_body_bytes), sc.body_timeout_s)
-        check_shape(raw, sc.max_json_items)
+        decoder = BodyDecoder(encoding, sc.max_body_bytes, sc.max_json_items)  # also bounds the JSON shape
+        raw = await read_body(request.content, decoder, sc.body_timeout_s)
         req = parse_chat_request(raw, max_messages=sc.max_messages)
         del raw
         if self.inflight >= sc.max_concurrency:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import gzip
 import os
 import re
@@ -222,11 +223,13 @@ async def _post(s: aiohttp.ClientSession, url: str, data: bytes, headers: dict[s
         return type(e).__name__
 
 
+@functools.lru_cache(maxsize=2)
 def compressed_messages_body(n: int) -> bytes:
     body = b'{"model":"m/a","stream":true,"messages":[' + b",".join([b'{"role":"u"}'] * n) + b"]}"
     return gzip.compress(body, 9)
 
 
+@functools.lru_cache(maxsize=2)
 def zip_bomb_body(mib: int) -> bytes:
     z = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
     zeros = bytes(1 << 20)
@@ -418,6 +421,11 @@ async def run_attack(
     fn, size, srv = ATTACKS[name]
     size = {**size, **kwargs}
     out = Outcome(name, ", ".join(f"{k}={v}" for k, v in size.items()))
+    # bodies are built before the gateway starts: building them must not stall the probe's own loop
+    if name == "compressed-messages":
+        compressed_messages_body(size["n"])
+    elif name == "zip-bomb":
+        zip_bomb_body(size["mib"])
     async with gateway({**srv, **(server or {})}, workdir / name) as gw:
         probe = Probe(gw)
         base = await probe.sample(20)

@@ -175,3 +175,14 @@ def test_pump_decodes_a_slice_at_a_time() -> None:
         slices += 1
         assert len(dec.out) <= slices * (1 << 20)
     assert slices >= 3 and bytes(dec.finish()) == b"x" * (4 << 20)
+
+
+def test_the_shape_bound_stops_the_decoder_early() -> None:
+    tiny = b'{"model":"m","messages":[' + b",".join([b'{"role":"u"}'] * 200_000) + b"]}"
+    dec = BodyDecoder("gzip", 32 << 20, max_items=10_000)
+    dec.put(gzip.compress(tiny))
+    with pytest.raises(ApiError) as e:
+        while dec.pump(64 << 10):
+            pass
+    assert e.value.code == "request_too_complex"
+    assert len(dec.out) < len(tiny) // 4  # refused long before the whole body was inflated
