@@ -128,32 +128,35 @@ class Probe:
     failures: int = 0
     fd_peak: int = 0
     _task: asyncio.Task[None] | None = None
+    _stop: bool = False
 
     async def sample(self, n: int) -> list[float]:
         """`n` probes now (the baseline before an attack)."""
         out: list[float] = []
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.gw.port), 10)
+        reader, writer = await _connect(self.gw.port)
         try:
             for _ in range(n):
-                out.append(await asyncio.wait_for(_healthz(reader, writer), 10))
+                async with asyncio.timeout(10):
+                    out.append(await _healthz(reader, writer))
         finally:
             writer.close()
         return out
 
     async def _run(self) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.gw.port)
+        # asyncio.timeout rather than wait_for: on 3.11 wait_for can swallow the cancel that ends the
+        # probe (when its inner await finishes in the same instant), and this loop would run forever
+        reader, writer = await _connect(self.gw.port)
         k = 0
         try:
-            while True:
+            while not self._stop:
                 try:
-                    self.latencies.append(await asyncio.wait_for(_healthz(reader, writer), 10.0))
+                    async with asyncio.timeout(10):
+                        self.latencies.append(await _healthz(reader, writer))
                 except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
                     self.failures += 1
                     writer.close()
                     with contextlib.suppress(OSError, TimeoutError):
-                        reader, writer = await asyncio.wait_for(
-                            asyncio.open_connection("127.0.0.1", self.gw.port), 10
-                        )
+                        reader, writer = await _connect(self.gw.port)
                 if k % 5 == 0:
                     self.fd_peak = max(self.fd_peak, self.gw.fds())
                 k += 1
@@ -168,12 +171,18 @@ class Probe:
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
+        self._stop = True
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
 
     @property
     def worst(self) -> float:
         return max(self.latencies, default=float("inf"))
+
+
+async def _connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async with asyncio.timeout(10):
+        return await asyncio.open_connection("127.0.0.1", port)
 
 
 async def _healthz(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
@@ -268,7 +277,7 @@ async def _open(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] 
     """A connection, or None if the connect fails or takes over 10 s (a SYN dropped in a burst is
     retried by the kernel after 1, 3, 7 ... s)."""
     try:
-        return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+        return await _connect(port)
     except (OSError, TimeoutError):
         return None
 
