@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 import pytest
 
+from hedge.server import GUARD_KEY
 from hedge.simprovider import Behaviour
 from loadtest.abuse import Outcome, run_attack
 
@@ -279,3 +280,23 @@ async def test_keep_alive_serves_requests_spaced_under_the_idle_timeout(gw_url: 
         assert await asyncio.wait_for(reader.read(), 10) == b""  # then closed by the gateway
     finally:
         writer.close()
+
+
+async def test_head_and_idle_timeouts_close_and_count_and_release_the_gate() -> None:
+    async with sims(("a", Behaviour(tokens=3))) as ps:
+        async with run_proxy(raw_config({"a": ps["a"].base_url}, server=FAST)) as px:
+            guard = px.runner.app[GUARD_KEY]
+            port = _port(px.url)
+            r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+            w1.write(b"GET /healthz HTTP/1.1\r\nHo")  # a head that never ends
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port)  # a connection that never speaks
+            assert await asyncio.wait_for(r1.read(), 10) == b""
+            assert await asyncio.wait_for(r2.read(), 10) == b""
+            w1.close()
+            w2.close()
+            assert (guard.head_timeouts, guard.idle_timeouts) == (1, 1)
+            for _ in range(100):
+                if guard.gate.open == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert guard.gate.open == 0 and guard.gate.refused == 0
