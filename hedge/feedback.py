@@ -295,7 +295,7 @@ class Feedback:
             rate = self.error_rate(c, now)
             tier = PROBE if c.key in probing else ERRORING if rate >= UNHEALTHY_ERROR_RATE else HEALTHY
             ttft, est = self.ttft(c, now) if strategy.needs_latency else (None, _NO_ESTIMATE)
-            views[c.key] = View(c, index[c.endpoint], tier, rate, ttft, est)
+            views[c.key] = View(c, index[c.endpoint], tier, rate, ttft, est, self.evidence(c).last_kept_exact)
         available = [v.candidate for v in strategy.rank([views[c.key] for c in available])]
         explore = None
         if strategy.hedges and not preference and len(available) > 1 and available[0].key not in probing:
@@ -361,8 +361,8 @@ class Feedback:
         if pick is None or best is None:
             return None
         hedges, explores = self._buckets(route)
-        if explores.tokens >= 1.0:
-            explores.try_spend()
+        if explores.tokens >= (1.0 if best[0] < 2 else explores.burst):
+            explores.try_spend()  # a routine (stale) refresh only from a full bucket: one is kept for news
             return pick
         if best[0] < 2 and hedges.tokens >= hedges.burst / 2 and hedges.tokens >= 1.0:
             hedges.try_spend()  # unknown or promising, and the hedge bucket has room: do not wait
