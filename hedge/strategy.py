@@ -117,7 +117,8 @@ class Fastest(Strategy):
         if ident is None or ident.ttft is None:
             return out
         median = ident.ttft
-        lead = next((v for v in same if _clearly_faster(v, median)), ident)
+        faster = [v for v in same if _clearly_faster(v, median)]
+        lead = min(faster, key=lambda v: v.last_exact or 0.0) if faster else ident
         if lead is out[0]:
             return out
         out.remove(lead)
