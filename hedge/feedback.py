@@ -19,14 +19,17 @@ decisions a request needs, all taken with an explicit `now` so fake-clock tests 
   rule covers what used to be four: a slowed leader's waiting attempts demote it within about three of
   its old TTFTs (no silence guard); only an identified median may lead, so a provider promoted on old
   evidence takes traffic only until its own waiting attempts say otherwise (no freshness or "current"
-  groups); and a recovered provider needs four fast answers to lead (no second window). With shared
+  groups), unless the leader is clearly degraded (a challenger's newest kept exact answer is at most
+  half its median: `strategy.LEAD_MARGIN`); and a recovered provider needs four fast answers to lead
+  (no second window). With shared
   state the ended attempts are the fleet's newest (`Evidence.set_remote`, hedge/shared.py), so a
   slowdown or a recovery met by another instance's traffic counts here too.
 - **exploration** (`_explore`): a healthy non-leading candidate that is unknown, has had no exact
   answer for a quarter half-life, or is promising (a fresh answer beat the leader's estimate) is raced
   *beside* the leader from the start (delay 0), so the caller gets the faster of the two and exploring
   never costs latency. It is paid from the route's exploration bucket (an eighth of `hedge_budget`),
-  so delay hedges cannot starve it; unknown and promising ones may also use the hedge bucket while
+  so delay hedges cannot starve it; a stale refresh only from a full bucket, so routine refreshes
+  cannot starve the news either; unknown and promising ones may also use the hedge bucket while
   that is at least half full. Requests with X-GammaInfra-Preference never explore.
 - **delay** (`AdaptiveDelay`): the `policy.hedge_quantile` of the running candidate's TTFT histogram,
   capped at `TAIL_FACTOR` x its current median, clamped, times the dial factor; **budget**
@@ -295,7 +298,7 @@ class Feedback:
             rate = self.error_rate(c, now)
             tier = PROBE if c.key in probing else ERRORING if rate >= UNHEALTHY_ERROR_RATE else HEALTHY
             ttft, est = self.ttft(c, now) if strategy.needs_latency else (None, _NO_ESTIMATE)
-            views[c.key] = View(c, index[c.endpoint], tier, rate, ttft, est)
+            views[c.key] = View(c, index[c.endpoint], tier, rate, ttft, est, self.evidence(c).last_kept_exact)
         available = [v.candidate for v in strategy.rank([views[c.key] for c in available])]
         explore = None
         if strategy.hedges and not preference and len(available) > 1 and available[0].key not in probing:
@@ -325,9 +328,10 @@ class Feedback:
         latency bucket than the leader's estimate, it arrived within the last `EXPLORE_EVERY`
         half-lives, and its own median is not identified: confirm it now), or without an exact answer for
         `EXPLORE_EVERY` half-lives; in that order. None while the leader itself is unknown (cold start:
-        it is being measured as it serves). Paid from the exploration bucket; unknown and promising
-        ones, when that is empty, from the hedge bucket while it is at least half full (a stale one
-        can wait: what stalls need is not spent on routine refreshes).
+        it is being measured as it serves). Paid from the exploration bucket, a stale one only when
+        that is full (one token is kept for the news a change brings: at 10 req/s the next one is 8 s
+        away); unknown and promising ones, when that is empty, from the hedge bucket while it is at
+        least half full (a stale one can wait: what stalls need is not spent on routine refreshes).
         """
         lead = views[ordered[0].key]
         if lead.ttft is None:
@@ -361,8 +365,8 @@ class Feedback:
         if pick is None or best is None:
             return None
         hedges, explores = self._buckets(route)
-        if explores.tokens >= 1.0:
-            explores.try_spend()
+        if explores.tokens >= (1.0 if best[0] < 2 else explores.burst):
+            explores.try_spend()  # a routine (stale) refresh only from a full bucket: one is kept for news
             return pick
         if best[0] < 2 and hedges.tokens >= hedges.burst / 2 and hedges.tokens >= 1.0:
             hedges.try_spend()  # unknown or promising, and the hedge bucket has room: do not wait

@@ -123,6 +123,7 @@ class Evidence:
     __slots__ = (
         "_cache",
         "_exact",
+        "_last_kept",
         "_local",
         "_local_exact",
         "_n",
@@ -143,6 +144,7 @@ class Evidence:
         # equal times; rebuilt per end, not per estimate
         self._sorted: list[tuple[float, int]] = []
         self._exact = 0  # exact answers among them
+        self._last_kept: float | None = None  # the TTFT of the newest exact answer among them
         self._cache: Estimate | None = None  # the estimate while nothing is in flight (it is then timeless)
         self._pending: list[float] = []  # launch times, oldest first
         self.last_launch: float | None = None
@@ -181,12 +183,19 @@ class Evidence:
 
     def _window(self) -> None:
         """The kept attempts: the newest `n` ended ones, ours and (shared state) the peers', by end time."""
-        window: Iterable[Ended] = self._local
+        window: list[Ended] = list(self._local)
         if self._remote:
             window = heapq.nlargest(self._n, chain(self._local, self._remote))
         self._sorted = sorted((s, c) for _, s, c in window)
         self._exact = sum(1 for _, c in self._sorted if not c)
+        self._last_kept = max(((at, s) for at, s, c in window if not c), default=(0.0, None))[1]
         self._cache = None
+
+    @property
+    def last_kept_exact(self) -> float | None:
+        """The TTFT of the newest exact answer among the kept attempts (None without one): what this
+        candidate last did, however long ago, as long as fewer than `n` attempts ended since."""
+        return self._last_kept
 
     # -- shared state (hedge/shared.py) ---------------------------------------------------------------
     def local_ended(self) -> list[Ended]:

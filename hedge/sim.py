@@ -134,6 +134,18 @@ SCENARIOS: dict[str, Scenario] = {
             change_at=60.0,
         ),
         Scenario(
+            "slowdown-10rps",
+            "the load test fleet's providers at one instance's share (10 req/s): a 50 ms -> 500 ms at 60 s",
+            (
+                Provider("a", 0.050, 0.25, factor=step(60.0, 1.0, 10.0)),
+                Provider("b", 0.080, 0.30),
+                Provider("c", 0.110, 0.30),
+            ),
+            duration=120.0,
+            rate=10.0,
+            change_at=60.0,
+        ),
+        Scenario(
             "drift",
             "a's TTFT drifts from 200 ms up 5x between 40 s and 100 s",
             _trio(a=Provider("a", 0.200, factor=_drift(40.0, 100.0, 5.0))),

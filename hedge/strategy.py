@@ -19,6 +19,10 @@ from .policy import Estimate, latency_bucket
 
 PROBE, HEALTHY, ERRORING = 0, 1, 2
 
+LEAD_MARGIN = 0.5
+"""A candidate whose median is not identified leads an identified one only when its estimate or a fresh
+exact answer is at most this fraction of that median (`Fastest.rank`): the leader is clearly degraded."""
+
 
 def blended_price(c: Candidate) -> float:
     """USD per 1M tokens for a typical 3:1 input:output mix: what `cheapest` sorts by."""
@@ -35,6 +39,7 @@ class View:
     error_rate: float  # recent failures before a first token (0 while too few outcomes)
     ttft: float | None  # expected TTFT given what is outstanding (None: unknown); see Feedback.ttft
     estimate: Estimate  # the evidence behind `ttft` (pending attempts, lower bound or median)
+    last_exact: float | None = None  # the newest exact TTFT among its kept attempts (policy.Evidence)
 
 
 class Strategy:
@@ -83,7 +88,13 @@ class Fastest(Strategy):
     Only an identified median may lead, not a mere lower bound ("at least t": mostly waiting or
     cancelled attempts): a leader whose waiting attempts outnumber its answers is demoted at once, and
     a challenger known only from lost races cannot take all the traffic on "at least t". A lower
-    bound still ranks for the hedge slot, where it is measured on the way.
+    bound still ranks for the hedge slot, where it is measured on the way. One exception: a bound
+    that ranks first *and* has a fresh exact answer in a faster bucket than every identified median
+    (it is *promising*: it just did what the leader cannot) leads. Leading is how it is measured
+    fastest, at no extra load; if the answer was luck, its own waiting attempts demote it within a
+    TTFT or two. Without it, a leader slowed at a low rate keeps an identified (slow) median, its
+    challengers stay bounds, and exploration paid at b/8 per request takes tens of seconds to
+    identify them.
     """
 
     name = "hedge"
@@ -98,15 +109,32 @@ class Fastest(Strategy):
 
     def rank(self, views: list[View]) -> list[View]:
         out = sorted(views, key=self.key)
-        lead = out[0] if out else None
-        if lead is not None and lead.ttft is not None and lead.estimate.lower_bound:
-            for i, v in enumerate(out):
-                if v.tier != lead.tier:
-                    break
-                if v.ttft is not None and not v.estimate.lower_bound:
-                    out.insert(0, out.pop(i))
-                    break
+        if not out:
+            return out
+        tier = out[0].tier
+        same = [v for v in out if v.tier == tier]
+        ident = next((v for v in same if v.ttft is not None and not v.estimate.lower_bound), None)
+        if ident is None or ident.ttft is None:
+            return out
+        median = ident.ttft
+        faster = [v for v in same if _clearly_faster(v, median)]
+        lead = min(faster, key=lambda v: v.last_exact or 0.0) if faster else ident
+        if lead is out[0]:
+            return out
+        out.remove(lead)
+        out.insert(0, lead)
         return out
+
+
+def _clearly_faster(v: View, median: float) -> bool:
+    """`v`'s median is not identified, but its estimate (a bound, or the long window's median) or its
+    fresh exact answer is at most `LEAD_MARGIN` x the identified `median`, and nothing known of it says
+    it is slower now than that median."""
+    if v.ttft is not None and not v.estimate.lower_bound:
+        return False
+    if v.ttft is not None and latency_bucket(v.ttft) >= latency_bucket(median):
+        return False
+    return v.last_exact is not None and v.last_exact <= LEAD_MARGIN * median
 
 
 REGISTRY: dict[str, Strategy] = {s.name: s for s in (Fastest(), Failover(), Cheapest(), Auto())}

@@ -199,6 +199,50 @@ def test_a_lower_bound_cannot_lead_an_identified_median() -> None:
     assert e.lower_bound and t is not None and t < 0.5
 
 
+@pytest.mark.parametrize(("b_answer", "leader"), [(0.08, "b"), (0.3, "a")])
+def test_a_clearly_faster_bound_leads_a_degraded_identified_median(b_answer: float, leader: str) -> None:
+    """a's median is identified at 0.5 s (a slowed leader whose slow answers arrive); b is a bound
+    (mostly early cancellations) whose newest kept exact answer is `b_answer`. At most half of a's
+    median (LEAD_MARGIN): b leads and is measured at full rate, free; otherwise a keeps the lead."""
+    fb, plan = fb_and_plan("ab")
+    a, b = plan.candidates
+    for k in range(EVIDENCE_N):
+        fb.on_launch(a, float(k))
+        fb.on_first_token(a, 0.5, k + 0.5)
+        fb.on_launch(b, float(k))
+        if k == EVIDENCE_N - 1:
+            fb.on_first_token(b, b_answer, k + b_answer)
+        else:
+            fb.on_cancelled(b, 0.02, k + 0.02)
+    assert fb.evidence(b).estimate(10.0).lower_bound and fb.evidence(b).last_kept_exact == b_answer
+    assert fb.order(plan, 10.0)[0].provider.name == leader
+
+
+def test_a_stale_refresh_keeps_an_exploration_token_for_news() -> None:
+    """Routine refreshes spend the exploration bucket only when it is full, so the token a promising
+    candidate needs after a change is there."""
+    fb, plan = fb_and_plan("ab", hedge_budget=0.1, hedge_burst=1)
+    a, b = plan.candidates
+    assert fb.budget(plan.route).try_spend()  # no help from the hedge bucket in this test
+    for k in range(10):  # b: known at 0.3 s in the long window, then only early cancellations
+        fb.on_launch(b, k * 0.1)
+        fb.on_first_token(b, 0.3, k * 0.1 + 0.3)
+    for k in range(EVIDENCE_N):
+        fb.on_launch(a, float(k))
+        fb.on_first_token(a, 0.2, k + 0.2)
+        if k:
+            fb.on_launch(b, float(k))
+            fb.on_cancelled(b, 0.1, k + 0.1)
+    assert fb.ttft(b, 10.0)[0] is not None  # known, not unknown (which is news and may use the reserve)
+    explore = fb.explore_budget(plan.route)
+    assert explore.tokens == explore.burst == 2.0
+    assert fb.order(plan, 10.0).explore is b  # stale (no exact answer for 8.8 s), bucket full
+    assert fb.order(plan, 10.01).explore is None  # still stale, one token left: kept
+    fb.on_first_token(b, 0.15, 10.15, launched_at=10.0)  # faster than a's 0.2 s, not clearly (<= 0.1)
+    o = fb.order(plan, 10.2)
+    assert o[0] is a and o.explore is b and explore.tokens < 1.0  # promising: the kept token pays
+
+
 def test_order_is_an_explicit_value() -> None:
     fb, plan = fb_and_plan("ab", hedge_budget=0.5)
     a, b = plan.candidates
