@@ -87,7 +87,7 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 
 def sse_error_event(message: str, type: str = "upstream_error", code: str | None = None) -> bytes:
-    """The event that ends a committed stream whose provider failed (docs/design.md, "Committed streams").
+    """The event that ends a committed stream whose provider failed (docs/design.md, "The request path").
 
     OpenAI's SDKs raise an APIError when an SSE event carries an `error` object, so clients learn the
     stream is incomplete instead of mistaking a truncated answer for a full one.

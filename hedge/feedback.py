@@ -1,4 +1,4 @@
-"""Feedback: what the proxy has learned decides the next race (DESIGN §2).
+"""Feedback: what the proxy has learned decides the next race (docs/design.md, "Feedback policy").
 
 Owns, per candidate, a `CandidateStats` (decayed TTFT histogram with censoring, error rate), an
 `Evidence` (the last few ended attempts and those in flight, `policy.py`) and a `CircuitBreaker`, and per

@@ -1,4 +1,6 @@
-"""The request path (DESIGN §1): run a `Race` with real upstream attempts and move the winner's bytes.
+"""The request path: run a `Race` with real upstream attempts and move the winner's bytes.
+
+The flow is in docs/design.md, "The request path".
 
 This module is the I/O edge. Decisions come from `race.Race` (launch/commit/cancel) and `feedback`
 (order, delay, budget); here we only open connections, read until a first token, cancel, and copy bytes.

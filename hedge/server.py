@@ -442,7 +442,8 @@ async def drain(runner: web.AppRunner, grace: float) -> int:
     aiohttp's own `cleanup()` also waits for handlers, but its timeout applies twice in a row (wait, then
     wait again after a soft cancel a streaming handler never sees), so a stream could run for twice the
     grace period. Here the wait is ours: one deadline, then a real `Task.cancel()`, which the proxy turns
-    into an error event that tells the client its answer is incomplete (DESIGN §1.6)."""
+    into an error event that tells the client its answer is incomplete (docs/design.md, "The request
+    path")."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     for site in list(runner.sites):
