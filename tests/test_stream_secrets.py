@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from hedge.server import bound_port, start_site
+from hedge.server import bound_port
 from hedge.simprovider import Behaviour
 
 from .conftest import chat, raw_config, read_stream, run_proxy, same_stream, sims
@@ -76,7 +76,9 @@ async def test_a_key_in_an_in_stream_error_event_is_redacted_even_split_across_r
 
     app = web.Application()
     app.router.add_post(URL, provider)
-    runner = await start_site(app, "127.0.0.1", 0)
+    runner = web.AppRunner(app)  # a plain provider app: hedge's start_site expects the proxy's app
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
         base = f"http://127.0.0.1:{bound_port(runner)}/v1"
         async with run_proxy(with_key(raw_config({"a": base}), "a")) as px:
