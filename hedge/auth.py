@@ -1,7 +1,7 @@
 """Gateway keys: `Authorization: Bearer sk-gammainfra-...` checked in constant time.
 
 Keys come from an environment variable (comma-separated), never from the config file, so the config can
-be committed. With no keys configured the gateway is open (local use), as DESIGN §4 says.
+be committed. With no keys configured the gateway is open (local use), as docs/design.md "Configuration" says.
 Per-key metrics use a short id (the first 8 hex digits of the key's SHA-256), never the key.
 """
 

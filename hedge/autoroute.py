@@ -1,4 +1,4 @@
-"""`gammainfra/auto`: a task-aware choice of model chain (DESIGN §1.2).
+"""`gammainfra/auto`: a task-aware choice of model chain (README "gammainfra/auto").
 
 The heuristic is deliberately simple, cheap (one pass over the text, no model) and documented:
 

@@ -1,8 +1,14 @@
-"""Configuration: the TOML contract of DESIGN §4, loaded into frozen dataclasses.
+"""Configuration: the TOML contract (docs/design.md, "Configuration"), loaded into frozen dataclasses.
 
 Validation happens once at start-up and every problem names the exact key, so a typo in a config never
 turns into a 500 at request time. Everything has a default except what only the operator can know
 (provider URLs, model prices).
+
+The dataclasses are the contract: a field is a TOML key of its table (`setting(key=...)` when the names
+differ), its default is the TOML default (`setting(toml_default=...)` only where Python callers must pass
+the value but TOML may leave it out), and its bounds and choices sit in the field's metadata. `_section`
+derives the allowed keys, the defaults and the checks from them, so no default and no key list is written
+twice; the few rules that span keys or tables (URLs, references between tables) are code below.
 """
 
 from __future__ import annotations
@@ -10,12 +16,40 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 STRATEGIES = ("hedge", "failover", "cheapest", "auto")
 VIRTUAL_PREFIX = "gammainfra/"
+NOT_A_KEY: Mapping[str, Any] = {"not_a_key": True}  # metadata of a field the parser sets (a table's name)
+
+
+def setting(
+    default: Any = MISSING,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    choices: tuple[str, ...] = (),
+    key: str | None = None,
+    scale: float = 1.0,
+    toml_default: Any = MISSING,
+    blank_is_default: bool = False,
+) -> Any:
+    """A dataclass field that is also a TOML key: its default, bounds [lo, hi], allowed values, TOML name
+    (`key`, when it differs) and unit (`scale`: TOML value = field value x scale, e.g. ms for seconds)."""
+    meta = {
+        "key": key,
+        "lo": lo,
+        "hi": hi,
+        "choices": choices,
+        "scale": scale,
+        "toml_default": toml_default,
+        "blank_is_default": blank_is_default,
+    }
+    return field(metadata=meta) if default is MISSING else field(default=default, metadata=meta)
 
 
 class ConfigError(ValueError):
@@ -24,39 +58,40 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Upstream timeouts in seconds. Defaults suit LLM APIs: connecting is fast, thinking is not."""
+    """Upstream timeouts in seconds (milliseconds in TOML). Defaults suit LLM APIs: connecting is fast,
+    thinking is not. `[timeouts]` sets them for every provider, `[providers.x.timeouts]` for one."""
 
-    connect: float = 5.0
-    first_token: float = 60.0
-    idle: float = 60.0
-    total: float = 600.0
+    connect: float = setting(5.0, key="connect_ms", scale=1000, lo=1)
+    first_token: float = setting(60.0, key="first_token_ms", scale=1000, lo=1)
+    idle: float = setting(60.0, key="idle_ms", scale=1000, lo=1)
+    total: float = setting(600.0, key="total_ms", scale=1000, lo=1)
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
+    host: str = setting("127.0.0.1", blank_is_default=True)  # never "" (which would bind every address)
+    port: int = setting(8080, hi=65535)
     api_keys_env: str | None = "HEDGE_API_KEYS"
-    max_body_bytes: int = 32 * 1024 * 1024
-    max_concurrency: int = 2000
+    max_body_bytes: int = setting(32 * 1024 * 1024, lo=1024)
+    max_concurrency: int = setting(2000, lo=1)
     shutdown_grace_s: float = 30.0
     access_log: bool = False
-    upstream_client: str = "fast"  # fast (raw asyncio protocol) | aiohttp
+    upstream_client: str = setting("fast", choices=("fast", "aiohttp"))  # raw asyncio protocol | aiohttp
     # what a caller can hold (issue 13; hedge/conn_limits.py, hedge/body.py)
-    header_timeout_s: float = 10.0  # first byte of a request head -> its end
-    body_timeout_s: float = 60.0  # head parsed -> the whole body read
-    keepalive_timeout_s: float = 15.0  # idle connection between requests (and before the first)
-    max_connections: int = 10000  # per process; clamped to half the fd limit at start-up
-    max_messages: int = 4096  # entries of `messages`
-    max_json_items: int = 200_000  # upper bound on JSON values, checked before the body is parsed
-    shutdown_write_timeout_s: float = 2.0  # a stream's last words at shutdown; then the socket is aborted
+    header_timeout_s: float = setting(10.0, lo=0.01)  # first byte of a request head -> its end
+    body_timeout_s: float = setting(60.0, lo=0.01)  # head parsed -> the whole body read
+    keepalive_timeout_s: float = setting(15.0, lo=0.01)  # idle connection between requests (and before)
+    max_connections: int = setting(10000, lo=1)  # per process; clamped to half the fd limit at start-up
+    max_messages: int = setting(4096, lo=1)  # entries of `messages`
+    max_json_items: int = setting(200_000, lo=16)  # bound on JSON values, checked before the body is parsed
+    shutdown_write_timeout_s: float = setting(2.0, lo=0.01)  # a stream's last words at shutdown, then abort
     cors_origins: tuple[str, ...] = ()  # empty = no CORS; "*" = any origin
 
 
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
-    name: str
-    base_url: str
+    name: str = field(metadata=NOT_A_KEY)
+    base_url: str = setting()
     api_key_env: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
 
@@ -71,47 +106,47 @@ class ProviderConfig:
 
 @dataclass(frozen=True, slots=True)
 class Serve:
-    provider: str
-    model: str
+    provider: str = setting()
+    model: str = setting(blank_is_default=True)  # TOML default: the model's own name
 
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    name: str
-    input_usd_per_mtok: float
-    output_usd_per_mtok: float
-    context_window: int
-    max_output_tokens: int
-    serve: tuple[Serve, ...]
+    name: str = field(metadata=NOT_A_KEY)
+    input_usd_per_mtok: float = setting(toml_default=0.0)
+    output_usd_per_mtok: float = setting(toml_default=0.0)
+    context_window: int = setting(toml_default=128000, lo=1)
+    max_output_tokens: int = setting(toml_default=16384, lo=1)
+    serve: tuple[Serve, ...] = setting()
     tags: tuple[str, ...] = ()
-    quality: float = 0.5
+    quality: float = setting(0.5, hi=1.0)
     description: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
-    name: str
-    strategy: str
-    candidates: tuple[str, ...]
-    quantile: float = 0.95
+    name: str = field(metadata=NOT_A_KEY)
+    strategy: str = setting(toml_default="hedge", choices=STRATEGIES)
+    candidates: tuple[str, ...] = setting()  # TOML default: every model
+    quantile: float = setting(0.95, lo=0.01, hi=0.999)
     min_delay_ms: float = 25.0
     max_delay_ms: float = 3000.0
     default_delay_ms: float = 500.0
-    max_attempts: int = 3
-    hedge_budget: float = 0.10
-    hedge_burst: float = 5.0
+    max_attempts: int = setting(3, lo=1, hi=16)
+    hedge_budget: float = setting(0.10, hi=1.0)
+    hedge_burst: float = setting(5.0, lo=1.0)
 
 
 @dataclass(frozen=True, slots=True)
 class FeedbackConfig:
     """How fast statistics forget and how eagerly breakers open."""
 
-    half_life_s: float = 10.0
-    order_half_life_samples: float = 2.0
-    min_samples: float = 3.0
-    failure_threshold: int = 5
-    base_backoff_s: float = 1.0
-    max_backoff_s: float = 60.0
+    half_life_s: float = setting(10.0, lo=0.1)
+    order_half_life_samples: float = setting(2.0, lo=1.0)
+    min_samples: float = setting(3.0, lo=0.5)
+    failure_threshold: int = setting(5, lo=1)
+    base_backoff_s: float = setting(1.0, lo=0.01)
+    max_backoff_s: float = setting(60.0, lo=0.01)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,12 +157,14 @@ class SharedConfig:
     by ``password_env`` when the client connects.
     """
 
-    redis_url: str
+    redis_url: str = setting()
     password_env: str | None = None
-    sync_interval_ms: float = 250.0
+    sync_interval_ms: float = setting(250.0, lo=10.0, hi=60_000.0)
     key_prefix: str = "hedge:"
-    forget_after_s: float = 30.0  # a stopped instance's contribution expires (Redis key TTL) after this
-    timeout_ms: float = 1000.0  # one sync round trip; a slower Redis counts as down for that round
+    # a stopped instance's contribution expires (Redis key TTL) after this
+    forget_after_s: float = setting(30.0, lo=1.0, hi=86_400.0)
+    # one sync round trip; a slower Redis counts as down for that round
+    timeout_ms: float = setting(1000.0, lo=10.0, hi=60_000.0)
 
     def password(self) -> str | None:
         """Read at connect time; never logged."""
@@ -144,40 +181,58 @@ class Config:
     shared: SharedConfig | None = None
 
 
-# --------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------- the derived reader
 
 
-def _table(d: Any, key: str) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """One TOML key of a table, derived from its dataclass field."""
+
+    name: str  # the field
+    key: str  # the TOML key
+    hint: Any  # the field's type
+    default: Any  # in field units; MISSING when the key is required
+    lo: float | None
+    hi: float | None
+    choices: tuple[str, ...]
+    scale: float
+    blank_is_default: bool
+
+
+@cache
+def _keys(cls: type) -> tuple[_Key, ...]:
+    """The TOML keys of a dataclass, once per class."""
+    hints = get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        m = f.metadata
+        if m.get("not_a_key"):
+            continue
+        default = f.default
+        if default is MISSING and f.default_factory is not MISSING:
+            default = f.default_factory()
+        if m.get("toml_default", MISSING) is not MISSING:
+            default = m["toml_default"]
+        out.append(
+            _Key(
+                name=f.name,
+                key=m.get("key") or f.name,
+                hint=hints[f.name],
+                default=default,
+                lo=m.get("lo"),
+                hi=m.get("hi"),
+                choices=m.get("choices", ()),
+                scale=m.get("scale", 1.0),
+                blank_is_default=m.get("blank_is_default", False),
+            )
+        )
+    return tuple(out)
+
+
+def _table(d: Any, path: str) -> dict[str, Any]:
     if not isinstance(d, dict):
-        raise ConfigError(f"{key}: expected a table, got {type(d).__name__}")
+        raise ConfigError(f"{path}: expected a table, got {type(d).__name__}")
     return d
-
-
-def _num(
-    d: dict[str, Any], key: str, path: str, default: float, *, lo: float = 0.0, hi: float = math.inf
-) -> float:
-    v = d.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
-        raise ConfigError(f"{path}.{key}: expected a number, got {v!r}")
-    if not lo <= v <= hi:
-        raise ConfigError(f"{path}.{key}: {v!r} is out of range [{lo}, {hi}]")
-    return float(v)
-
-
-def _int(d: dict[str, Any], key: str, path: str, default: int, *, lo: int = 0, hi: int = 2**31) -> int:
-    v = d.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(f"{path}.{key}: expected an integer, got {v!r}")
-    if not lo <= v <= hi:
-        raise ConfigError(f"{path}.{key}: {v!r} is out of range [{lo}, {hi}]")
-    return v
-
-
-def _str(d: dict[str, Any], key: str, path: str, default: str | None = None) -> str | None:
-    v = d.get(key, default)
-    if v is not None and not isinstance(v, str):
-        raise ConfigError(f"{path}.{key}: expected a string, got {v!r}")
-    return v
 
 
 def _unknown(d: dict[str, Any], allowed: set[str], path: str) -> None:
@@ -186,140 +241,93 @@ def _unknown(d: dict[str, Any], allowed: set[str], path: str) -> None:
         raise ConfigError(f"{path}.{extra[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
 
 
-def _timeouts(d: dict[str, Any], path: str, base: Timeouts) -> Timeouts:
-    _unknown(d, {"connect_ms", "first_token_ms", "idle_ms", "total_ms"}, path)
-    return Timeouts(
-        connect=_num(d, "connect_ms", path, base.connect * 1000, lo=1) / 1000,
-        first_token=_num(d, "first_token_ms", path, base.first_token * 1000, lo=1) / 1000,
-        idle=_num(d, "idle_ms", path, base.idle * 1000, lo=1) / 1000,
-        total=_num(d, "total_ms", path, base.total * 1000, lo=1) / 1000,
+def _value(k: _Key, v: Any, where: str) -> Any:
+    """One key's value, checked against its field's type, bounds and choices, in field units."""
+    hint = k.hint
+    if hint is bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{where}: expected true or false, got {v!r}")
+        return v
+    if hint is int or hint is float:
+        if hint is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ConfigError(f"{where}: expected an integer, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
+            raise ConfigError(f"{where}: expected a number, got {v!r}")
+        lo = (0 if hint is int else 0.0) if k.lo is None else k.lo
+        hi = (2**31 if hint is int else math.inf) if k.hi is None else k.hi
+        if not lo <= v <= hi:
+            raise ConfigError(f"{where}: {v!r} is out of range [{lo}, {hi}]")
+        return v if hint is int else float(v) / k.scale
+    if hint in (str, str | None):
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"{where}: expected a string, got {v!r}")
+        if k.choices and v not in k.choices:
+            raise ConfigError(f"{where}: {v!r} is not one of {', '.join(k.choices)}")
+        return v
+    if hint == tuple[str, ...]:
+        if not isinstance(v, list | tuple) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(f"{where}: expected a list of strings")
+        return tuple(v)
+    raise TypeError(f"{where}: no reader for {hint!r}; pass the value to _section")  # a bug, not a config
+
+
+def _section(
+    cls: type,
+    d: dict[str, Any],
+    path: str,
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    **given: Any,
+) -> Any:
+    """Build `cls` from TOML table `d`: unknown keys are refused naming their path, every other field is
+    read by `_value` (missing: its default, or `defaults[field]`), except the fields in `given`, which the
+    caller has read itself (names, nested tables, references to other tables)."""
+    keys = _keys(cls)
+    _unknown(d, {k.key for k in keys}, path)
+    values = dict(given)
+    for k in keys:
+        if k.name in given:
+            continue
+        default = (defaults or {}).get(k.name, k.default)
+        if k.key not in d:
+            if default is MISSING:
+                default = None  # required: the caller's check names it (e.g. "expected a URL, got None")
+            values[k.name] = default
+            continue
+        v = _value(k, d[k.key], f"{path}.{k.key}")
+        if k.blank_is_default and v == "":
+            v = default
+        values[k.name] = v
+    return cls(**values)
+
+
+def _timeouts(d: Any, path: str, base: Timeouts) -> Timeouts:
+    t: Timeouts = _section(
+        Timeouts, _table(d, path), path, defaults={f.name: getattr(base, f.name) for f in fields(Timeouts)}
     )
+    return t
 
 
 # ---------------------------------------------------------------------------------------------- loader
 
+TABLES = {f.name for f in fields(Config)} | {"timeouts"}  # [timeouts]: every provider's defaults
+
 
 def parse_config(raw: dict[str, Any]) -> Config:
     """Turn a parsed TOML document into a validated Config (raises ConfigError naming the key)."""
-    _unknown(raw, {"server", "timeouts", "providers", "models", "routes", "feedback", "shared"}, "config")
-    s = _table(raw.get("server", {}), "server")
-    _unknown(
-        s,
-        {
-            "host",
-            "port",
-            "api_keys_env",
-            "max_body_bytes",
-            "max_concurrency",
-            "shutdown_grace_s",
-            "access_log",
-            "upstream_client",
-            "header_timeout_s",
-            "body_timeout_s",
-            "keepalive_timeout_s",
-            "max_connections",
-            "max_messages",
-            "max_json_items",
-            "shutdown_write_timeout_s",
-            "cors_origins",
-        },
-        "server",
-    )
-    cors = s.get("cors_origins", [])
-    if not isinstance(cors, list) or not all(isinstance(o, str) and o for o in cors):
-        raise ConfigError(f'server.cors_origins: expected a list of origins (or ["*"]), got {cors!r}')
-    access_log = s.get("access_log", False)
-    if not isinstance(access_log, bool):
-        raise ConfigError(f"server.access_log: expected true or false, got {access_log!r}")
-    client = _str(s, "upstream_client", "server", "fast")
-    if client not in ("fast", "aiohttp"):
-        raise ConfigError(f"server.upstream_client: {client!r} is not one of fast, aiohttp")
-    server = ServerConfig(
-        host=_str(s, "host", "server", "127.0.0.1") or "127.0.0.1",
-        port=_int(s, "port", "server", 8080, hi=65535),
-        api_keys_env=_str(s, "api_keys_env", "server", "HEDGE_API_KEYS"),
-        max_body_bytes=_int(s, "max_body_bytes", "server", 32 * 1024 * 1024, lo=1024),
-        max_concurrency=_int(s, "max_concurrency", "server", 2000, lo=1),
-        shutdown_grace_s=_num(s, "shutdown_grace_s", "server", 30.0),
-        access_log=access_log,
-        upstream_client=client or "fast",
-        header_timeout_s=_num(s, "header_timeout_s", "server", 10.0, lo=0.01),
-        body_timeout_s=_num(s, "body_timeout_s", "server", 60.0, lo=0.01),
-        keepalive_timeout_s=_num(s, "keepalive_timeout_s", "server", 15.0, lo=0.01),
-        max_connections=_int(s, "max_connections", "server", 10000, lo=1),
-        max_messages=_int(s, "max_messages", "server", 4096, lo=1),
-        max_json_items=_int(s, "max_json_items", "server", 200_000, lo=16),
-        shutdown_write_timeout_s=_num(s, "shutdown_write_timeout_s", "server", 2.0, lo=0.01),
-        cors_origins=tuple(o.rstrip("/") for o in cors),
-    )
-    timeouts = _timeouts(_table(raw.get("timeouts", {}), "timeouts"), "timeouts", Timeouts())
-
-    providers: dict[str, ProviderConfig] = {}
-    for name, p in _table(raw.get("providers", {}), "providers").items():
-        path = f"providers.{name}"
-        p = _table(p, path)
-        _unknown(p, {"base_url", "api_key_env", "timeouts"}, path)
-        base_url = _str(p, "base_url", path)
-        if not base_url or not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{path}.base_url: expected an http:// or https:// URL, got {base_url!r}")
-        providers[name] = ProviderConfig(
-            name=name,
-            base_url=base_url,
-            api_key_env=_str(p, "api_key_env", path),
-            timeouts=_timeouts(
-                _table(p.get("timeouts", {}), f"{path}.timeouts"), f"{path}.timeouts", timeouts
-            ),
-        )
-    if not providers:
-        raise ConfigError("providers: at least one provider is required")
-
-    models: dict[str, ModelConfig] = {}
-    for name, m in _table(raw.get("models", {}), "models").items():
-        path = f'models."{name}"'
-        m = _table(m, path)
-        _unknown(
-            m,
-            {
-                "input_usd_per_mtok", "output_usd_per_mtok", "context_window", "max_output_tokens",
-                "serve", "tags", "quality", "description",
-            },
-            path,
-        )  # fmt: skip
-        if name.startswith(VIRTUAL_PREFIX):
-            raise ConfigError(f"{path}: names starting with {VIRTUAL_PREFIX!r} are reserved for routes")
-        serve_raw = m.get("serve")
-        if not isinstance(serve_raw, list) or not serve_raw:
-            raise ConfigError(f"{path}.serve: expected a non-empty list of {{provider, model}} tables")
-        serve: list[Serve] = []
-        for i, sv in enumerate(serve_raw):
-            sp = f"{path}.serve[{i}]"
-            sv = _table(sv, sp)
-            _unknown(sv, {"provider", "model"}, sp)
-            prov = _str(sv, "provider", sp)
-            if prov not in providers:
-                raise ConfigError(f"{sp}.provider: unknown provider {prov!r} (have: {', '.join(providers)})")
-            serve.append(Serve(provider=prov, model=_str(sv, "model", sp, name) or name))
-        tags = m.get("tags", [])
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise ConfigError(f"{path}.tags: expected a list of strings")
-        models[name] = ModelConfig(
-            name=name,
-            input_usd_per_mtok=_num(m, "input_usd_per_mtok", path, 0.0),
-            output_usd_per_mtok=_num(m, "output_usd_per_mtok", path, 0.0),
-            context_window=_int(m, "context_window", path, 128000, lo=1),
-            max_output_tokens=_int(m, "max_output_tokens", path, 16384, lo=1),
-            serve=tuple(serve),
-            tags=tuple(tags),
-            quality=_num(m, "quality", path, 0.5, hi=1.0),
-            description=_str(m, "description", path, "") or "",
-        )
+    _unknown(raw, TABLES, "config")
+    server = _server(_table(raw.get("server", {}), "server"))
+    providers = _providers(raw)
+    models = {
+        name: _model(name, _table(m, f'models."{name}"'), f'models."{name}"', providers)
+        for name, m in _table(raw.get("models", {}), "models").items()
+    }
     if not models:
         raise ConfigError("models: at least one model is required")
-
-    routes: dict[str, RouteConfig] = {}
-    for name, r in _table(raw.get("routes", {}), "routes").items():
-        path = f'routes."{name}"'
-        routes[name] = _route(name, _table(r, path), path, models)
+    routes = {
+        name: _route(name, _table(r, f'routes."{name}"'), f'routes."{name}"', models)
+        for name, r in _table(raw.get("routes", {}), "routes").items()
+    }
     for name, strategy in (
         ("gammainfra/fast", "hedge"),
         ("gammainfra/cheap", "cheapest"),
@@ -329,27 +337,8 @@ def parse_config(raw: dict[str, Any]) -> Config:
     for name in routes:
         if name in models:
             raise ConfigError(f'routes."{name}": a route cannot have the same name as a model')
-
-    f = _table(raw.get("feedback", {}), "feedback")
-    _unknown(
-        f,
-        {
-            "half_life_s",
-            "order_half_life_samples",
-            "min_samples",
-            "failure_threshold",
-            "base_backoff_s",
-            "max_backoff_s",
-        },
-        "feedback",
-    )
-    feedback = FeedbackConfig(
-        half_life_s=_num(f, "half_life_s", "feedback", 10.0, lo=0.1),
-        order_half_life_samples=_num(f, "order_half_life_samples", "feedback", 2.0, lo=1.0),
-        min_samples=_num(f, "min_samples", "feedback", 3.0, lo=0.5),
-        failure_threshold=_int(f, "failure_threshold", "feedback", 5, lo=1),
-        base_backoff_s=_num(f, "base_backoff_s", "feedback", 1.0, lo=0.01),
-        max_backoff_s=_num(f, "max_backoff_s", "feedback", 60.0, lo=0.01),
+    feedback: FeedbackConfig = _section(
+        FeedbackConfig, _table(raw.get("feedback", {}), "feedback"), "feedback"
     )
     shared = _shared(_table(raw["shared"], "shared")) if "shared" in raw else None
     return Config(
@@ -357,18 +346,76 @@ def parse_config(raw: dict[str, Any]) -> Config:
     )
 
 
+def _server(s: dict[str, Any]) -> ServerConfig:
+    cors = s.get("cors_origins", [])
+    if not isinstance(cors, list) or not all(isinstance(o, str) and o for o in cors):
+        raise ConfigError(f'server.cors_origins: expected a list of origins (or ["*"]), got {cors!r}')
+    server: ServerConfig = _section(
+        ServerConfig, s, "server", cors_origins=tuple(o.rstrip("/") for o in cors)
+    )
+    return server
+
+
+def _providers(raw: dict[str, Any]) -> dict[str, ProviderConfig]:
+    timeouts = _timeouts(raw.get("timeouts", {}), "timeouts", Timeouts())
+    providers: dict[str, ProviderConfig] = {}
+    for name, p in _table(raw.get("providers", {}), "providers").items():
+        path = f"providers.{name}"
+        p = _table(p, path)
+        own = _timeouts(p.get("timeouts", {}), f"{path}.timeouts", timeouts)
+        provider: ProviderConfig = _section(ProviderConfig, p, path, name=name, timeouts=own)
+        if not provider.base_url or not provider.base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{path}.base_url: expected an http:// or https:// URL, got {provider.base_url!r}"
+            )
+        providers[name] = provider
+    if not providers:
+        raise ConfigError("providers: at least one provider is required")
+    return providers
+
+
+def _model(name: str, m: dict[str, Any], path: str, providers: dict[str, ProviderConfig]) -> ModelConfig:
+    if name.startswith(VIRTUAL_PREFIX):
+        raise ConfigError(f"{path}: names starting with {VIRTUAL_PREFIX!r} are reserved for routes")
+    _unknown(m, {k.key for k in _keys(ModelConfig)}, path)
+    serve_raw = m.get("serve")
+    if not isinstance(serve_raw, list) or not serve_raw:
+        raise ConfigError(f"{path}.serve: expected a non-empty list of {{provider, model}} tables")
+    serve: list[Serve] = []
+    for i, sv in enumerate(serve_raw):
+        sp = f"{path}.serve[{i}]"
+        one: Serve = _section(Serve, _table(sv, sp), sp, defaults={"model": name})
+        if one.provider not in providers:
+            raise ConfigError(
+                f"{sp}.provider: unknown provider {one.provider!r} (have: {', '.join(providers)})"
+            )
+        serve.append(one)
+    model: ModelConfig = _section(ModelConfig, m, path, name=name, serve=tuple(serve))
+    return model
+
+
+def _route(name: str, r: dict[str, Any], path: str, models: dict[str, ModelConfig]) -> RouteConfig:
+    _unknown(r, {k.key for k in _keys(RouteConfig)}, path)
+    cands = r.get("candidates", list(models))
+    if not isinstance(cands, list) or not cands or not all(isinstance(c, str) for c in cands):
+        raise ConfigError(f"{path}.candidates: expected a non-empty list of model names")
+    for c in cands:
+        if c not in models:
+            raise ConfigError(f"{path}.candidates: unknown model {c!r}")
+    route: RouteConfig = _section(RouteConfig, r, path, name=name, candidates=tuple(cands))
+    if route.min_delay_ms > route.max_delay_ms:
+        raise ConfigError(f"{path}.min_delay_ms: must not exceed max_delay_ms ({route.max_delay_ms})")
+    return route
+
+
 def _shared(d: dict[str, Any]) -> SharedConfig:
     """[shared] (optional): Redis URL, password variable, sync interval, key prefix, forget-after."""
     from urllib.parse import urlsplit
 
     path = "shared"
-    _unknown(
-        d,
-        {"redis_url", "password_env", "sync_interval_ms", "key_prefix", "forget_after_s", "timeout_ms"},
-        path,
-    )
-    url = _str(d, "redis_url", path)
-    if not url or not url.startswith(("redis://", "rediss://")):
+    _unknown(d, {k.key for k in _keys(SharedConfig)}, path)
+    url = d.get("redis_url")
+    if not isinstance(url, str) or not url.startswith(("redis://", "rediss://")):
         # the value is not echoed: it may hold a secret
         raise ConfigError(f"{path}.redis_url: expected a redis:// or rediss:// URL")
     try:
@@ -381,56 +428,12 @@ def _shared(d: dict[str, Any]) -> SharedConfig:
             f"{path}.redis_url: must not contain a password; name an environment variable in "
             f"{path}.password_env instead"
         )
-    interval = _num(d, "sync_interval_ms", path, 250.0, lo=10.0, hi=60_000.0)
-    prefix = _str(d, "key_prefix", path, "hedge:")
-    if not prefix:
+    shared: SharedConfig = _section(SharedConfig, d, path)
+    if not shared.key_prefix:
         raise ConfigError(f"{path}.key_prefix: must not be empty")
-    forget = _num(d, "forget_after_s", path, 30.0, lo=1.0, hi=86_400.0)
-    if forget * 1000 < 2 * interval:
+    if shared.forget_after_s * 1000 < 2 * shared.sync_interval_ms:
         raise ConfigError(f"{path}.forget_after_s: must be at least two sync intervals")
-    return SharedConfig(
-        redis_url=url,
-        password_env=_str(d, "password_env", path),
-        sync_interval_ms=interval,
-        key_prefix=prefix,
-        forget_after_s=forget,
-        timeout_ms=_num(d, "timeout_ms", path, 1000.0, lo=10.0, hi=60_000.0),
-    )
-
-
-def _route(name: str, r: dict[str, Any], path: str, models: dict[str, ModelConfig]) -> RouteConfig:
-    _unknown(
-        r,
-        {
-            "strategy", "candidates", "quantile", "min_delay_ms", "max_delay_ms", "default_delay_ms",
-            "max_attempts", "hedge_budget", "hedge_burst",
-        },
-        path,
-    )  # fmt: skip
-    strategy = _str(r, "strategy", path, "hedge")
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"{path}.strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
-    cands = r.get("candidates", list(models))
-    if not isinstance(cands, list) or not cands or not all(isinstance(c, str) for c in cands):
-        raise ConfigError(f"{path}.candidates: expected a non-empty list of model names")
-    for c in cands:
-        if c not in models:
-            raise ConfigError(f"{path}.candidates: unknown model {c!r}")
-    route = RouteConfig(
-        name=name,
-        strategy=strategy,
-        candidates=tuple(cands),
-        quantile=_num(r, "quantile", path, 0.95, lo=0.01, hi=0.999),
-        min_delay_ms=_num(r, "min_delay_ms", path, 25.0),
-        max_delay_ms=_num(r, "max_delay_ms", path, 3000.0),
-        default_delay_ms=_num(r, "default_delay_ms", path, 500.0),
-        max_attempts=_int(r, "max_attempts", path, 3, lo=1, hi=16),
-        hedge_budget=_num(r, "hedge_budget", path, 0.10, hi=1.0),
-        hedge_burst=_num(r, "hedge_burst", path, 5.0, lo=1.0),
-    )
-    if route.min_delay_ms > route.max_delay_ms:
-        raise ConfigError(f"{path}.min_delay_ms: must not exceed max_delay_ms ({route.max_delay_ms})")
-    return route
+    return shared
 
 
 def load_config(path: str | Path) -> Config:

@@ -1,4 +1,9 @@
-"""OpenAI-style error bodies.
+"""Errors as domain values: what went wrong, never how it is sent.
+
+Nothing here imports aiohttp. Core modules raise `ApiError` (a plain exception holding the status,
+message, type, code, param and headers the caller should see) or `NoCandidates` (the feedback loop's own
+"nobody can take this request now", which knows no HTTP); `hedge/http_errors.py` turns both into aiohttp
+responses at the edge, in one function. See docs/design.md, "Errors".
 
 Every error the proxy returns has the shape `{"error": {"message", "type", "param", "code"}}`, so that
 OpenAI SDKs raise the right exception class and show the message. Messages never contain provider keys:
@@ -10,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import orjson
-from aiohttp import web
 
 # HTTP status -> OpenAI error "type"
 _TYPES = {
@@ -32,7 +36,8 @@ _TYPES = {
 
 
 class ApiError(Exception):
-    """Raised anywhere in request handling; the server turns it into error JSON with this status."""
+    """Raised anywhere in request handling; the edge (`http_errors.error_response`) turns it into error
+    JSON with this status. A plain value: building it does no I/O and needs no web framework."""
 
     def __init__(
         self,
@@ -55,9 +60,25 @@ class ApiError(Exception):
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.param, self.code)
 
-    def response(self) -> web.Response:
-        return web.Response(
-            status=self.status, body=self.body(), content_type="application/json", headers=self.headers
+
+class NoCandidates(Exception):
+    """Every candidate of a model is cooling down (its breaker is open): nobody may be raced now.
+
+    Raised by `Feedback.order`, which decides *that* no candidate is available and *when* the first one
+    will be again, but not what a caller is told: `as_api_error` says that (a 503 with Retry-After).
+    """
+
+    def __init__(self, model: str, retry_after_s: float) -> None:
+        super().__init__(f"every candidate of {model!r} is cooling down")
+        self.model = model
+        self.retry_after_s = retry_after_s
+
+    def as_api_error(self) -> ApiError:
+        return ApiError(
+            503,
+            f"Every provider for '{self.model}' is cooling down after repeated failures; retry shortly.",
+            code="providers_unavailable",
+            headers={"Retry-After": str(max(1, round(self.retry_after_s)))},
         )
 
 
@@ -66,7 +87,7 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 
 def sse_error_event(message: str, type: str = "upstream_error", code: str | None = None) -> bytes:
-    """The event that ends a committed stream whose provider failed (DESIGN §1.6).
+    """The event that ends a committed stream whose provider failed (docs/design.md, "The request path").
 
     OpenAI's SDKs raise an APIError when an SSE event carries an `error` object, so clients learn the
     stream is incomplete instead of mistaking a truncated answer for a full one.

@@ -1,4 +1,4 @@
-"""Feedback: what the proxy has learned decides the next race (DESIGN §2).
+"""Feedback: what the proxy has learned decides the next race (docs/design.md, "Feedback policy").
 
 Owns, per candidate, a `CandidateStats` (decayed TTFT histogram with censoring, error rate), an
 `Evidence` (the last few ended attempts and those in flight, `policy.py`) and a `CircuitBreaker`, and per
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from .budget import HedgeBudget
 from .catalog import Candidate, Plan
 from .config import FeedbackConfig, RouteConfig
-from .errors import ApiError
+from .errors import NoCandidates
 from .health import BreakerState, CircuitBreaker
 from .policy import Estimate, Evidence, RequestBudget, hedge_quantile, latency_bucket, split_budget
 from .race import Failure, FailureKind
@@ -274,7 +274,8 @@ class Feedback:
     def order(
         self, plan: Plan, now: float, preference: Sequence[str] = (), candidates: Sequence[Candidate] = ()
     ) -> Order:
-        """The candidates to race, best first (see the module docstring); 503 when all are cooling down.
+        """The candidates to race, best first (see the module docstring); `NoCandidates` (with the wait
+        until the first breaker lets a probe through) when all are cooling down.
 
         Not a pure query: it takes a half-open candidate's probe slot when that leads, and the
         exploration token when it explores, so call it once per request and race what it returns.
@@ -284,12 +285,7 @@ class Feedback:
         if not available:
             waits = [self.breaker(c).retry_at(now) for c in cands]
             retry = min((w - now for w in waits if w is not None), default=1.0)
-            raise ApiError(
-                503,
-                f"Every provider for '{plan.name}' is cooling down after repeated failures; retry shortly.",
-                code="providers_unavailable",
-                headers={"Retry-After": str(max(1, round(retry)))},
-            )
+            raise NoCandidates(plan.name, retry)
         strategy = get_strategy(plan.strategy)
         index = {c.endpoint: i for i, c in enumerate(cands)}
         probing = {c.key for c in available if self.breaker(c).state(now) is not BreakerState.CLOSED}

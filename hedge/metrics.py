@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN §5).
+"""Prometheus metrics (README "Observability"; docs/design.md, "Map of the package").
 
 One `Metrics` object per process owns its own `CollectorRegistry` (tests build many proxies in one process,
 so nothing goes into the global registry). Labelled children are looked up once per candidate and cached,

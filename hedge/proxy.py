@@ -1,4 +1,6 @@
-"""The request path (DESIGN §1): run a `Race` with real upstream attempts and move the winner's bytes.
+"""The request path: run a `Race` with real upstream attempts and move the winner's bytes.
+
+The flow is in docs/design.md, "The request path".
 
 This module is the I/O edge. Decisions come from `race.Race` (launch/commit/cancel) and `feedback`
 (order, delay, budget); here we only open connections, read until a first token, cancel, and copy bytes.
@@ -32,8 +34,9 @@ from .body import (
     read_body,
 )
 from .catalog import Candidate, Catalog, Plan
-from .errors import ApiError, sse_error_event
+from .errors import ApiError, NoCandidates, sse_error_event
 from .feedback import DEFAULT_EAGERNESS, Feedback, Order
+from .http_errors import error_response
 from .metrics import Metrics
 from .race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Reject
 from .request import ChatRequest, parse_chat_request, parse_cost_quality, parse_preference
@@ -157,6 +160,9 @@ class Proxy:
             return resp
         except ApiError as e:
             code = str(e.status)
+            raise
+        except NoCandidates as e:
+            code = str(e.as_api_error().status)
             raise
         except asyncio.CancelledError:
             code = "499"
@@ -443,7 +449,7 @@ class Proxy:
             etype = str(e.get("type") or etype)
             param = e.get("param") if isinstance(e.get("param"), str) else None
             code = str(e["code"]) if e.get("code") is not None else None
-        return ApiError(status, self.scrub(message), param=param, code=code, type=etype).response()
+        return error_response(ApiError(status, self.scrub(message), param=param, code=code, type=etype))
 
     def _give_up(self, plan: Plan, cands: list[Candidate], act: GiveUp) -> ApiError:
         parts = [f"{cands[ci].endpoint}: {f.reason}" for ci, f in act.failures]

@@ -1,4 +1,6 @@
-"""The hedged race as a sans-IO state machine (DESIGN §1.3 to §1.8).
+"""The hedged race as a sans-IO state machine (docs/design.md, "The request path").
+
+The rules, step by step, are in the README's "How a request is served".
 
 `Race` decides *when* to launch which candidate, *who* won and *what* to cancel. It never touches a
 socket or a clock: the I/O layer feeds it events with the current time (`start`, `on_timer`,

@@ -1,4 +1,4 @@
-"""Validation of what the proxy itself needs from a chat request (DESIGN §1.1).
+"""Validation of what the proxy itself needs from a chat request (docs/design.md, "The request path").
 
 Only the fields the proxy acts on are checked (model, messages, stream, max_tokens, stream_options);
 every other field passes through to the provider untouched, so new OpenAI parameters work without a

@@ -18,8 +18,9 @@ from aiohttp.web_protocol import RequestHandler
 
 from .catalog import Catalog
 from .conn_limits import ConnectionGate, HeadClock, Phase, connection_cap, raise_nofile_limit
-from .errors import ApiError
+from .errors import ApiError, NoCandidates
 from .feedback import blended_price
+from .http_errors import error_response
 from .proxy import Proxy
 
 log = logging.getLogger("hedge.server")
@@ -34,31 +35,37 @@ GUARD_KEY: web.AppKey[ConnGuard] = web.AppKey("guard")
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as e:
-        return e.response()
+    except (ApiError, NoCandidates) as e:
+        return error_response(e)
     except web.HTTPException as e:
         if e.status < 400:
             raise
         if e.status == 413:
-            return ApiError(
-                413, "The request body is larger than this gateway accepts.", code="request_too_large"
-            ).response()
+            return error_response(
+                ApiError(
+                    413, "The request body is larger than this gateway accepts.", code="request_too_large"
+                )
+            )
         if e.status == 405:
             allowed = ", ".join(sorted(getattr(e, "allowed_methods", ()) or ()))
-            return ApiError(
-                405,
-                f"Method {request.method} is not allowed on {request.path}"
-                + (f" (use {allowed})." if allowed else "."),
-                code="method_not_allowed",
-                headers={"Allow": allowed} if allowed else None,
-            ).response()
+            return error_response(
+                ApiError(
+                    405,
+                    f"Method {request.method} is not allowed on {request.path}"
+                    + (f" (use {allowed})." if allowed else "."),
+                    code="method_not_allowed",
+                    headers={"Allow": allowed} if allowed else None,
+                )
+            )
         if e.status == 404:
-            return ApiError(404, f"Unknown path {request.path}.", code="not_found").response()
-        return ApiError(e.status, e.reason or "Request failed.").response()
+            return error_response(ApiError(404, f"Unknown path {request.path}.", code="not_found"))
+        return error_response(ApiError(e.status, e.reason or "Request failed."))
     except Exception:
         # a bug: say so in JSON; log the type and place, never request bodies or headers
         log.exception("internal error handling %s %s", request.method, request.path)
-        return ApiError(500, "Internal gateway error.", code="internal_error", type="server_error").response()
+        return error_response(
+            ApiError(500, "Internal gateway error.", code="internal_error", type="server_error")
+        )
 
 
 CORS_EXPOSE = "X-GammaInfra-Endpoint, X-GammaInfra-Cost-USD, X-GammaInfra-Task, Server-Timing, Retry-After"
@@ -82,7 +89,9 @@ def cors_middleware(allowed: tuple[str, ...]) -> Any:
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             value = allowed_origin(request.headers.get("Origin"), allowed)
             if value is None:
-                return ApiError(403, "This origin is not allowed.", code="cors_origin_not_allowed").response()
+                return error_response(
+                    ApiError(403, "This origin is not allowed.", code="cors_origin_not_allowed")
+                )
             req_headers = request.headers.get("Access-Control-Request-Headers", "")
             return web.Response(
                 status=204,
@@ -202,11 +211,11 @@ def build_app(proxy: Proxy) -> web.Application:
         type, coding and declared size are checked first); anyone else gets the final answer now."""
         if request.headers.get("Expect", "").lower() != "100-continue":
             msg = "Only 'Expect: 100-continue' is supported."
-            return ApiError(417, msg, code="expectation_failed").response()
+            return error_response(ApiError(417, msg, code="expectation_failed"))
         try:
             proxy.precheck(request)
         except ApiError as e:
-            resp = e.response()
+            resp = error_response(e)
             resp.force_close()  # the body the caller holds back will not be read
             return resp
         if request.version >= (1, 1):
@@ -252,7 +261,7 @@ class _JsonErrorHandler(RequestHandler):
         else:
             what = type(exc).__name__ if exc is not None else "bad request"
             err = ApiError(status, f"The HTTP request is malformed ({what}).", code="bad_http_request")
-        resp = err.response()
+        resp = error_response(err)
         resp.force_close()
         return resp
 
@@ -433,7 +442,8 @@ async def drain(runner: web.AppRunner, grace: float) -> int:
     aiohttp's own `cleanup()` also waits for handlers, but its timeout applies twice in a row (wait, then
     wait again after a soft cancel a streaming handler never sees), so a stream could run for twice the
     grace period. Here the wait is ours: one deadline, then a real `Task.cancel()`, which the proxy turns
-    into an error event that tells the client its answer is incomplete (DESIGN §1.6)."""
+    into an error event that tells the client its answer is incomplete (docs/design.md, "The request
+    path")."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     for site in list(runner.sites):

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from .catalog import Candidate, Catalog, Plan
 from .config import RouteConfig, parse_config
-from .errors import ApiError
+from .errors import NoCandidates
 from .race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Reject
 
 ROUTE = "gammainfra/fast"
@@ -408,8 +408,8 @@ def simulate(
         if kind == ARRIVE:
             try:
                 r.cands = fb.order(plan, now)
-            except ApiError as e:
-                r.status = e.status
+            except NoCandidates as e:
+                r.status = e.as_api_error().status
                 continue
             delays = fb.delay_policy(plan, r.cands, now, 0.5)
             budget = fb.request_budget(plan.route, r.cands) if delays is not None else None

@@ -1,8 +1,9 @@
 """`hedge serve --workers N`: N processes share one port, so one box uses all its cores.
 
-The proxy is CPU-bound (DESIGN §7) and one Python process uses one core. Each worker is a whole gateway
-(its own event loop, upstream pool, feedback statistics) listening on the same port with SO_REUSEPORT;
-the kernel spreads new connections over the workers. The parent only supervises:
+The proxy is CPU-bound (docs/design.md, "Upstream client") and one Python process uses one core.
+Each worker is a whole gateway (its own event loop, upstream pool, feedback statistics) listening on
+the same port with SO_REUSEPORT; the kernel spreads new connections over the workers.
+The parent only supervises:
 
 * Workers are *spawned* (fresh interpreters), not forked: `prometheus_client` picks its storage when it
   is imported, so `PROMETHEUS_MULTIPROC_DIR` must be in the environment before a worker imports it, and

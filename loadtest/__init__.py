@@ -1,4 +1,4 @@
 """Load testing for hedge: latency scenarios across modes, and the proxy overhead benchmark.
 
-See `python -m loadtest --help`, DESIGN.md §6 and §7.
+See `python -m loadtest --help`, README "Load test and overhead benchmark" and docs/design.md.
 """

@@ -4,8 +4,9 @@
 
 Read the body, POST it upstream with one shared `ClientSession`, copy the response with ``iter_any()``
 into a `StreamResponse`, on uvloop, no access log.  Nothing else: no parsing, no validation, no
-metrics.  DESIGN §7 quotes this design at ~0.23 CPU-ms per 20-chunk stream; hedge's CPU per request is
-judged against this proxy measured in the same run, on the same machine, at the same moment.
+metrics.  The original design notes (not in the repository) put it at ~0.23 CPU-ms per 20-chunk
+stream; hedge's CPU per request is judged against this proxy measured in the same run, on the same
+machine, at the same moment.
 """
 
 from __future__ import annotations

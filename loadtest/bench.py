@@ -15,8 +15,8 @@ utime+stime from /proc/<pid>/stat around every measured segment (CPU ms per requ
 the lean protocol client in `loadtest.client`; its own CPU per request is reported too, to show it is
 not the bottleneck.
 
-The targets (DESIGN §7 / issue 4) are checked and printed as PASS/FAIL; a FAIL does not change the
-exit status, since a benchmark on a shared 2-core machine is evidence, not a gate.
+The targets (issue 4; README "Load test and overhead benchmark") are checked and printed as PASS/FAIL;
+a FAIL does not change the exit status, since a benchmark on a shared 2-core machine is evidence, not a gate.
 """
 
 from __future__ import annotations

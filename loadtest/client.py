@@ -1,9 +1,10 @@
 """A lean HTTP/1.1 streaming client built on `asyncio.Protocol`, for measuring, not for general use.
 
 Why not aiohttp: the load client shares two cores with the proxy under test and the simulated providers,
-and DESIGN §7 measured aiohttp's `ClientSession` at ~0.2 CPU-ms per stream against ~0.06 ms for a raw
-protocol client.  A client that costs as much as the proxy it measures skews every figure, so this one
-does the minimum, all inside protocol callbacks (no task or await per chunk):
+and the original design notes (not in the repository; docs/design.md, "Upstream client", has the same
+comparison for the proxy's own client) measured aiohttp's `ClientSession` at ~0.2 CPU-ms per stream
+against ~0.06 ms for a raw protocol client.  A client that costs as much as the proxy it measures
+skews every figure, so this one does the minimum, all inside protocol callbacks (no task or await per chunk):
 
 * one request per connection at a time, keep-alive pooling per (host, port), `TCP_NODELAY`;
 * a status line + header parser, chunked / Content-Length / until-close bodies;
@@ -37,7 +38,8 @@ IDLE_DROP_S = 30.0  # aiohttp servers close idle keep-alive connections after 75
 
 
 def first_token_in_event(event: Any) -> bool:
-    """True when a parsed SSE event carries what a caller sees as the answer starting (DESIGN §1.4).
+    """True when a parsed SSE event carries what a caller sees as the answer starting (README "How a
+    request is served", step 4).
 
     Written independently of `hedge.sse` on purpose: the load test must not share the proxy's bugs.
     """

@@ -1,4 +1,4 @@
-"""The Grafana dashboard against a real Prometheus scraping a loaded proxy (DESIGN §5).
+"""The Grafana dashboard against a real Prometheus scraping a loaded proxy (README "Observability").
 
 A dashboard whose queries return nothing looks fine in review and is useless in an incident, so this
 test evaluates every panel query from ``grafana/dashboard.json`` through Prometheus's HTTP API while

@@ -1,4 +1,5 @@
-"""Upstream faults (issue 6), one test each, before and after the commit (DESIGN §1.3, §1.6, §1.7).
+"""Upstream faults (issue 6), one test each, before and after the commit (docs/design.md, "The request
+path"; README "How a request is served").
 
 Before the first token, a fault is the attempt's failure: the next candidate is tried at once (the pinned
 model "m/all" fails over in config order, so only the fault can launch it) or, with none left, one error

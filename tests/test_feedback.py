@@ -24,7 +24,7 @@ import pytest
 
 from hedge.catalog import Candidate, Catalog, Plan
 from hedge.config import parse_config
-from hedge.errors import ApiError
+from hedge.errors import ApiError, NoCandidates
 from hedge.feedback import Feedback, Order, dial_multiplier
 from hedge.health import BreakerState
 from hedge.race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Reject
@@ -147,8 +147,8 @@ class Sim:
         now = self.now
         try:
             r.cands = self.fb.order(self.plan, now, preference)
-        except ApiError as e:
-            r.status = e.status
+        except NoCandidates as e:
+            r.status = e.as_api_error().status
             return
         for hook in self.hooks:
             hook(self, r)
@@ -583,10 +583,12 @@ def test_every_candidate_cooling_down_is_a_503_with_retry_after() -> None:
     sim = Sim({}, lambda p, t: Answer(0.1))
     for p in ("a", "b"):
         sim.fb.on_failure(sim.cand(p), Failure(FailureKind.RETRYABLE, "http_429", 429, 7.0), 0.0)
-    with pytest.raises(ApiError) as ei:
+    with pytest.raises(NoCandidates) as ei:
         sim.fb.order(sim.plan, 1.0)
-    assert ei.value.status == 503
-    assert ei.value.headers["Retry-After"] == "6"
+    assert ei.value.model == sim.plan.name and ei.value.retry_after_s == pytest.approx(6.0)
+    err = ei.value.as_api_error()  # what the edge answers
+    assert err.status == 503 and err.code == "providers_unavailable"
+    assert err.headers["Retry-After"] == "6"
     assert [c.provider.name for c in sim.fb.order(sim.plan, 7.0)] == ["a"]  # half-open: one probe
 
 

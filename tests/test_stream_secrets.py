@@ -76,7 +76,7 @@ async def test_a_key_in_an_in_stream_error_event_is_redacted_even_split_across_r
 
     app = web.Application()
     app.router.add_post(URL, provider)
-    runner = web.AppRunner(app)  # a plain provider app: no proxy behind it, so not start_site
+    runner = web.AppRunner(app)  # a plain provider app: hedge's start_site expects the proxy's app
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
