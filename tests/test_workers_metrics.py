@@ -42,7 +42,12 @@ MAX_TRIES = 40  # bounded retries for "both workers got one" (kernel hash: 1/2 e
 
 
 def per_process(metrics_dir: Path, pattern: str, name: str, **labels: str) -> dict[int, float]:
-    """One sample's value in each process's own file (e.g. pattern "gauge_livesum_*.db")."""
+    """One sample's value in each process's own file (e.g. pattern "gauge_livesum_*.db").
+
+    Values add up over the files of one process that the pattern matches: a metric lives in one file
+    per process (its type and mode name the file), so a pattern matching two of a process's files
+    (say "gauge_*max_*.db": gauge_max_<pid> holds hedge_hedge_budget_ratio, gauge_livemax_<pid> the
+    breaker states) must not let the one globbed last stand for the process."""
     out: dict[int, float] = {}
     for i, f in enumerate(metrics_dir.glob(pattern)):
         pid = int(f.stem.rsplit("_", 1)[1])
@@ -51,7 +56,7 @@ def per_process(metrics_dir: Path, pattern: str, name: str, **labels: str) -> di
         shutil.copy(f, one / f.name)
         reg = CollectorRegistry()
         MultiProcessCollector(reg, path=str(one))
-        out[pid] = sum(
+        out[pid] = out.get(pid, 0.0) + sum(
             s.value
             for m in reg.collect()
             for s in m.samples
@@ -163,17 +168,28 @@ async def test_two_workers_histograms_gauges_and_a_worker_that_dies(tmp_path: Pa
                     )
                     if len([v for v in failed.values() if v > 0]) == 2:
                         break
+
                 # not closed (open, or half-open once the 0.5 s backoff has passed on a slow machine),
                 # whichever worker answers; each wrote its own state into its file
+                def states_by_pid() -> dict[int, float]:
+                    return per_process(metrics_dir, "gauge_livemax_*.db", "hedge_circuit_state", provider="a")
+
                 for m in await scrapes(http, gw):
                     assert m("hedge_circuit_state", provider="a", model="up-a") in (1, 2)
-                states = per_process(metrics_dir, "gauge_*max_*.db", "hedge_circuit_state", provider="a")
+                # a worker writes its file only when it answers a scrape, and the kernel picks which
+                # worker does: scrape on (bounded) until each has written since its failure
+                for _ in range(MAX_TRIES):
+                    states = states_by_pid()
+                    if len(states) == 2 and all(v in (1, 2) for v in states.values()):
+                        break
+                    m = await scrape(http, gw)
+                    assert m("hedge_circuit_state", provider="a", model="up-a") in (1, 2)
 
                 # 4. one worker dies (SIGKILL: no goodbye) once it counts as serving, holding streams
                 await asyncio.sleep(max(0.0, listening_at + RESTART_AFTER_S + 0.2 - loop.time()))
                 victim = next(pid for pid, v in by_pid.items() if v > 0)
                 lost, kept = int(by_pid[victim]), held - int(by_pid[victim])
-                assert states.get(victim, 0) > 0, states  # the victim's last word: not closed
+                assert states.get(victim, 0) in (1, 2), states  # the victim's last word: not closed
                 os.kill(victim, signal.SIGKILL)
                 # its streams' upstream connections die with it (the provider sees them go)
                 gone = lambda: sum(rec.disconnected_at is not None for rec in s.records) == lost  # noqa: E731
