@@ -98,7 +98,14 @@ async def _serve(
     )
     cut = await drain(runner, config.server.shutdown_grace_s)  # stop listening, wait, cancel the rest
     if cut:
-        log.warning("grace period over: %d request(s) cancelled with an error event", cut)
+        ends = proxy.shutdown_ends
+        streamed = sum(ends.values())
+        log.warning(
+            "grace period over: %d request(s) cancelled: %d stream(s) ended with a shutting_down event, "
+            "%d aborted (client not reading within %.1f s), %d already gone; %d not yet answered got a 503",
+            cut, ends.get("error_event", 0), ends.get("aborted", 0), config.server.shutdown_write_timeout_s,
+            ends.get("client_gone", 0), max(0, cut - streamed),
+        )  # fmt: skip
     if shared is not None:
         await shared.close()  # peers forget this instance's contribution at once
     for p in demo:

@@ -42,6 +42,15 @@ class ServerConfig:
     shutdown_grace_s: float = 30.0
     access_log: bool = False
     upstream_client: str = "fast"  # fast (raw asyncio protocol) | aiohttp
+    # what a caller can hold (issue 13; hedge/conn_limits.py, hedge/body.py)
+    header_timeout_s: float = 10.0  # first byte of a request head -> its end
+    body_timeout_s: float = 60.0  # head parsed -> the whole body read
+    keepalive_timeout_s: float = 15.0  # idle connection between requests (and before the first)
+    max_connections: int = 10000  # per process; clamped to half the fd limit at start-up
+    max_messages: int = 4096  # entries of `messages`
+    max_json_items: int = 200_000  # upper bound on JSON values, checked before the body is parsed
+    shutdown_write_timeout_s: float = 2.0  # a stream's last words at shutdown; then the socket is aborted
+    cors_origins: tuple[str, ...] = ()  # empty = no CORS; "*" = any origin
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,9 +214,20 @@ def parse_config(raw: dict[str, Any]) -> Config:
             "shutdown_grace_s",
             "access_log",
             "upstream_client",
+            "header_timeout_s",
+            "body_timeout_s",
+            "keepalive_timeout_s",
+            "max_connections",
+            "max_messages",
+            "max_json_items",
+            "shutdown_write_timeout_s",
+            "cors_origins",
         },
         "server",
     )
+    cors = s.get("cors_origins", [])
+    if not isinstance(cors, list) or not all(isinstance(o, str) and o for o in cors):
+        raise ConfigError(f'server.cors_origins: expected a list of origins (or ["*"]), got {cors!r}')
     access_log = s.get("access_log", False)
     if not isinstance(access_log, bool):
         raise ConfigError(f"server.access_log: expected true or false, got {access_log!r}")
@@ -223,6 +243,14 @@ def parse_config(raw: dict[str, Any]) -> Config:
         shutdown_grace_s=_num(s, "shutdown_grace_s", "server", 30.0),
         access_log=access_log,
         upstream_client=client or "fast",
+        header_timeout_s=_num(s, "header_timeout_s", "server", 10.0, lo=0.01),
+        body_timeout_s=_num(s, "body_timeout_s", "server", 60.0, lo=0.01),
+        keepalive_timeout_s=_num(s, "keepalive_timeout_s", "server", 15.0, lo=0.01),
+        max_connections=_int(s, "max_connections", "server", 10000, lo=1),
+        max_messages=_int(s, "max_messages", "server", 4096, lo=1),
+        max_json_items=_int(s, "max_json_items", "server", 200_000, lo=16),
+        shutdown_write_timeout_s=_num(s, "shutdown_write_timeout_s", "server", 2.0, lo=0.01),
+        cors_origins=tuple(o.rstrip("/") for o in cors),
     )
     timeouts = _timeouts(_table(raw.get("timeouts", {}), "timeouts"), "timeouts", Timeouts())
 

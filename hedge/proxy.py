@@ -24,6 +24,13 @@ from aiohttp import web
 
 from .auth import KeyChecker
 from .autoroute import choose_chain, classify
+from .body import (
+    BodyDecoder,
+    check_content_type,
+    check_declared_length,
+    check_encoding,
+    read_body,
+)
 from .catalog import Candidate, Catalog, Plan
 from .errors import ApiError, sse_error_event
 from .feedback import DEFAULT_EAGERNESS, Feedback, Order
@@ -105,6 +112,7 @@ class Proxy:
         self.scrub = Scrubber.from_providers(self.config.providers.values())
         self.inflight = 0
         self.shutting_down = False  # set by server.drain just before it cancels what is still running
+        self.shutdown_ends: dict[str, int] = {}  # how streams cut by shutdown really ended (_end_at_shutdown)
         self._known_prefs = {p for p in self.config.providers} | set(self.config.models)
         self._known_prefs |= {c.endpoint for c in catalog.all_candidates()}
         self._headers: dict[str, dict[str, str]] = {}
@@ -156,26 +164,31 @@ class Proxy:
         finally:
             self.metrics.requests.labels(route[0], code).inc()
 
-    async def _chat(self, request: web.Request, t_in: float, route: list[str]) -> web.StreamResponse:
+    def precheck(self, request: web.BaseRequest) -> tuple[str | None, str]:
+        """What the head alone decides, before a byte of the body is read (and before `100 Continue`):
+        the key, the media type, the content coding and the declared size. Returns (key id, coding)."""
         key_id = self.keys.check(request.headers.get("Authorization"))
-        if self.inflight >= self.config.server.max_concurrency:
+        check_content_type(request.headers.get("Content-Type"))
+        encoding = check_encoding(request.headers.get("Content-Encoding"))
+        check_declared_length(request.headers, self.config.server.max_body_bytes)
+        return key_id, encoding
+
+    async def _chat(self, request: web.Request, t_in: float, route: list[str]) -> web.StreamResponse:
+        key_id, encoding = self.precheck(request)
+        sc = self.config.server
+        # the body is read (bounded in size, time and decoded size) and parsed before the request takes a
+        # concurrency slot: a slow upload holds a connection, never a slot
+        decoder = BodyDecoder(encoding, sc.max_body_bytes, sc.max_json_items)  # also bounds the JSON shape
+        raw = await read_body(request.content, decoder, sc.body_timeout_s)
+        req = parse_chat_request(raw, max_messages=sc.max_messages)
+        del raw
+        if self.inflight >= sc.max_concurrency:
             raise ApiError(
                 503,
                 "The gateway is at its concurrency limit; retry shortly.",
                 code="overloaded",
                 headers={"Retry-After": "1"},
             )
-        ctype = request.headers.get("Content-Type", "application/json")
-        if "json" not in ctype.lower():
-            raise ApiError(
-                415, f"Content-Type must be application/json, got {ctype!r}.", code="unsupported_media_type"
-            )
-        self.inflight += 1  # a slow upload holds its slot: the read yields, the cap check above must hold
-        try:
-            raw = await request.read()
-        finally:
-            self.inflight -= 1  # taken again below, with no await in between
-        req = parse_chat_request(raw)
         plan = self.catalog.resolve(req.model)
         route[0] = plan.name
         dial = parse_cost_quality(request.headers.get("X-GammaInfra-Cost-Quality"))
@@ -615,9 +628,13 @@ class Proxy:
         except asyncio.CancelledError:
             # the client left (the write fails quietly) or a shutdown outlived its grace period
             # (server.drain): either way the stream must not end looking complete
-            await self._end_with_error(
-                out, "The gateway is shutting down; this answer is incomplete.", "shutting_down"
-            )
+            if self.shutting_down:
+                ended = await self._end_at_shutdown(request, out)
+                self.shutdown_ends[ended] = self.shutdown_ends.get(ended, 0) + 1
+            else:
+                await self._end_with_error(
+                    out, "The gateway is shutting down; this answer is incomplete.", "shutting_down"
+                )
             raise
         finally:
             if completed:
@@ -631,6 +648,38 @@ class Proxy:
         now = self.clock()
         fb.on_complete(c, now - launched, now)
         self.metrics.upstream_duration.labels(c.provider.name, c.upstream_model).observe(now - launched)
+
+    async def _end_at_shutdown(self, request: web.Request, out: web.StreamResponse) -> str:
+        """End a stream cut by shutdown: the `shutting_down` event and the chunked terminator, out of our
+        buffers within `shutdown_write_timeout_s`; a client that does not read them in time gets its
+        connection aborted, which no HTTP client can mistake for a complete answer. Returns what
+        happened: "error_event", "aborted" or "client_gone"."""
+        transport = request.transport
+        proto = request.protocol
+        waiter = getattr(proto, "_drain_waiter", None)
+        if waiter is not None and waiter.cancelled():
+            # the cancel that brought us here hit aiohttp's drain, which keeps that cancelled future and
+            # would hand it to the next drain: every write below would raise CancelledError at once
+            proto._drain_waiter = None
+        try:
+            async with asyncio.timeout(self.config.server.shutdown_write_timeout_s):
+                message = "The gateway is shutting down; this answer is incomplete."
+                await out.write(sse_error_event(message, code="shutting_down"))
+                await out.write_eof()
+                # write_eof waits until the buffer is under the high-water mark, not empty; the process is
+                # about to exit, and what is still in our buffer then would be lost mid-event. asyncio has
+                # no "buffer empty" event, so poll (shutdown only, for a few seconds at most).
+                while transport is not None and not transport.is_closing():
+                    if not transport.get_write_buffer_size():
+                        break
+                    await asyncio.sleep(0.01)
+            return "error_event"
+        except TimeoutError:
+            if transport is not None:
+                transport.abort()
+            return "aborted"
+        except (ConnectionError, RuntimeError):
+            return "client_gone"
 
     @staticmethod
     async def _end_with_error(out: web.StreamResponse, message: str, code: str) -> None:

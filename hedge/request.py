@@ -57,7 +57,9 @@ def _content_chars(content: Any) -> int:
     return 0
 
 
-def parse_chat_request(raw: bytes) -> ChatRequest:
+def parse_chat_request(raw: bytes | bytearray, *, max_messages: int | None = None) -> ChatRequest:
+    """Parse and validate; `max_messages` bounds the conversation length (hedge/body.py bounds the
+    JSON as a whole before this parse)."""
     if not raw:
         raise _bad("The request body is empty; expected a JSON object.", None, "invalid_json")
     try:
@@ -82,6 +84,12 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         raise _bad("'messages' must be an array of message objects.", "messages", "invalid_type")
     if not messages:
         raise _bad("'messages' must contain at least one message.", "messages", "empty_array")
+    if max_messages is not None and len(messages) > max_messages:
+        raise _bad(
+            f"'messages' has {len(messages)} entries; this gateway accepts at most {max_messages}.",
+            "messages",
+            "too_many_messages",
+        )
     chars = 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict):

@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from .catalog import Catalog
+from .conn_limits import ConnectionGate, HeadClock, Phase, connection_cap, raise_nofile_limit
 from .errors import ApiError
 from .feedback import blended_price
 from .proxy import Proxy
@@ -25,6 +27,7 @@ log = logging.getLogger("hedge.server")
 PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
 # the tasks serving /v1/chat/completions right now: what a graceful shutdown waits for, then cancels
 STREAMS_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams", set)
+GUARD_KEY: web.AppKey[ConnGuard] = web.AppKey("guard")
 
 
 @web.middleware
@@ -56,6 +59,54 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         # a bug: say so in JSON; log the type and place, never request bodies or headers
         log.exception("internal error handling %s %s", request.method, request.path)
         return ApiError(500, "Internal gateway error.", code="internal_error", type="server_error").response()
+
+
+CORS_EXPOSE = "X-GammaInfra-Endpoint, X-GammaInfra-Cost-USD, X-GammaInfra-Task, Server-Timing, Retry-After"
+
+
+def allowed_origin(origin: str | None, allowed: tuple[str, ...]) -> str | None:
+    """The value for Access-Control-Allow-Origin, or None when this origin is not allowed."""
+    if not origin:
+        return None
+    if "*" in allowed:
+        return "*"
+    return origin if origin.rstrip("/") in allowed else None
+
+
+def cors_middleware(allowed: tuple[str, ...]) -> Any:
+    """Answer CORS preflights (OPTIONS with Access-Control-Request-Method) before routing and auth: a
+    browser sends them without credentials. Only when `[server] cors_origins` is set."""
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            value = allowed_origin(request.headers.get("Origin"), allowed)
+            if value is None:
+                return ApiError(403, "This origin is not allowed.", code="cors_origin_not_allowed").response()
+            req_headers = request.headers.get("Access-Control-Request-Headers", "")
+            return web.Response(
+                status=204,
+                headers={
+                    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                    "Access-Control-Allow-Headers": req_headers[:2000] or "Authorization, Content-Type",
+                    "Access-Control-Max-Age": "600",
+                },
+            )  # Access-Control-Allow-Origin and Vary: the on_response_prepare hook below
+        return await handler(request)
+
+    return cors
+
+
+def cors_headers(allowed: tuple[str, ...]) -> Any:
+    async def add(request: web.BaseRequest, response: web.StreamResponse) -> None:
+        value = allowed_origin(request.headers.get("Origin"), allowed)
+        if value is not None:
+            response.headers["Access-Control-Allow-Origin"] = value
+            response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE
+        if value != "*":
+            response.headers.add("Vary", "Origin")
+
+    return add
 
 
 def models_body(catalog: Catalog) -> bytes:
@@ -105,7 +156,11 @@ def models_body(catalog: Catalog) -> bytes:
 
 
 def build_app(proxy: Proxy) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=proxy.config.server.max_body_bytes)
+    cors = proxy.config.server.cors_origins
+    middlewares = [cors_middleware(cors), error_middleware] if cors else [error_middleware]
+    app = web.Application(middlewares=middlewares, client_max_size=proxy.config.server.max_body_bytes)
+    if cors:
+        app.on_response_prepare.append(cors_headers(cors))
     app[PROXY_KEY] = proxy
     models = models_body(proxy.catalog)
 
@@ -142,7 +197,24 @@ def build_app(proxy: Proxy) -> web.Application:
         finally:
             streams.discard(task)
 
-    app.router.add_post("/v1/chat/completions", chat_completions)
+    async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: say "send the body" only to a caller that may send it (key, media
+        type, coding and declared size are checked first); anyone else gets the final answer now."""
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            msg = "Only 'Expect: 100-continue' is supported."
+            return ApiError(417, msg, code="expectation_failed").response()
+        try:
+            proxy.precheck(request)
+        except ApiError as e:
+            resp = e.response()
+            resp.force_close()  # the body the caller holds back will not be read
+            return resp
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # as aiohttp's own handler: the real answer is still to come
+        return None
+
+    app.router.add_post("/v1/chat/completions", chat_completions, expect_handler=expect_continue)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -185,15 +257,126 @@ class _JsonErrorHandler(RequestHandler):
         return resp
 
 
+def _refused_response() -> bytes:
+    """The whole answer to a connection over the limit: written once, without parsing anything."""
+    body = ApiError(
+        503, "The gateway is at its connection limit; retry shortly.", code="too_many_connections"
+    ).body()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+REFUSED = _refused_response()
+
+
+@dataclass(slots=True)
+class ConnGuard:
+    """What every connection of one server shares: the connection gate and the pre-handler timeouts."""
+
+    gate: ConnectionGate
+    idle_timeout: float
+    head_timeout: float
+    head_timeouts: int = 0  # connections closed because a request head took too long
+    idle_timeouts: int = 0  # connections closed after sitting idle (before or between requests)
+
+
+class _GuardedHandler(_JsonErrorHandler):
+    """aiohttp's connection handler plus what a caller may hold before a handler runs (conn_limits):
+    refused past the connection limit, closed when idle too long or when a head takes too long."""
+
+    def __init__(self, manager: web.Server, *, guard: ConnGuard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._admitted = False
+        self._clock = HeadClock(guard.idle_timeout, guard.head_timeout)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._guard.gate.admit():
+            # refuse before the parser, the handler task or any buffer exists for this connection
+            tr = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+            self._manager = None  # connection_lost: nothing of aiohttp's to undo
+            tr.write(REFUSED)
+            tr.close()
+            return
+        self._admitted = True
+        super().connection_made(transport)
+        self._clock.on_open(self._loop.time())
+        self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._admitted:
+            self._admitted = False
+            self._guard.gate.release()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        clock = self._clock
+        if clock.phase is not Phase.BUSY and data:
+            before = self._request_count
+            clock.on_bytes(self._loop.time())
+            super().data_received(data)
+            if self._request_count != before:  # the parser produced a whole head
+                clock.on_head_done()
+            self._arm()
+        else:
+            super().data_received(data)
+
+    async def _handle_request(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super()._handle_request(*args, **kwargs)
+        finally:
+            if not self._messages:  # no pipelined request waiting: the connection is idle now
+                self._clock.on_response_done(self._loop.time())
+                self._arm()
+
+    def _arm(self) -> None:
+        deadline = self._clock.deadline
+        if self._timer is not None:
+            if deadline is not None and self._timer.when() == deadline:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None and self.transport is not None:
+            self._timer = self._loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        clock = self._clock
+        if not clock.expired(self._loop.time()):
+            self._arm()
+            return
+        if clock.phase is Phase.HEAD:
+            self._guard.head_timeouts += 1
+            self.logger.debug("closing a connection whose request head took over %.1f s", clock.head_timeout)
+        else:
+            self._guard.idle_timeouts += 1
+        self.force_close()
+
+
 class _JsonErrorServer(web.Server):
+    guard: ConnGuard | None = None
+
     def __call__(self) -> RequestHandler:
+        if self.guard is not None:
+            return _GuardedHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
         return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
 
 
 class _Runner(web.AppRunner):
+    guard: ConnGuard | None = None
+
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _JsonErrorServer  # same layout; only the handler factory differs
+        assert isinstance(server, _JsonErrorServer)
+        server.guard = self.guard
         return server
 
 
@@ -209,9 +392,27 @@ async def start_site(
     """Start serving `app`; client disconnects cancel the handler (so abandoned races stop at once).
 
     `drain(runner, grace)` is the graceful shutdown (stop listening, let chat requests finish within the
-    grace period, cancel the rest); `shutdown_timeout` then only bounds aiohttp's own cleanup."""
+    grace period, cancel the rest); `shutdown_timeout` then only bounds aiohttp's own cleanup.
+
+    The connection limit and the idle/head timeouts come from the proxy's `[server]` config; the
+    connection limit is kept under half the fd limit, which is raised first where the OS allows."""
     kwargs: dict[str, Any] = {} if access_log else {"access_log": None}
-    runner = _Runner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout, **kwargs)
+    sc = app[PROXY_KEY].config.server
+    guard = ConnGuard(
+        ConnectionGate(connection_cap(sc.max_connections, raise_nofile_limit())),
+        idle_timeout=sc.keepalive_timeout_s,
+        head_timeout=sc.header_timeout_s,
+    )
+    runner = _Runner(
+        app, handler_cancellation=True, shutdown_timeout=shutdown_timeout,
+        # aiohttp's own idle timer: only a backstop behind ours (it also fires mid-head)
+        keepalive_timeout=sc.keepalive_timeout_s + sc.header_timeout_s + 1.0,
+        auto_decompress=False,  # hedge/body.py inflates request bodies, bounded while it streams
+        lingering_time=2.0,  # after an early answer (413, 408): read and drop what still comes, briefly
+        **kwargs,
+    )  # fmt: skip
+    runner.guard = guard
+    app[GUARD_KEY] = guard
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, backlog=1024)
     await site.start()
@@ -247,6 +448,8 @@ async def drain(runner: web.AppRunner, grace: float) -> int:
         runner.app[PROXY_KEY].shutting_down = True  # a cancelled race answers 503, a stream an error event
         for task in list(streams):
             task.cancel()
-        await asyncio.wait(set(streams), timeout=1.0)  # let them write those last words
+        # let them write those last words; a stream whose client does not read them is aborted in time
+        write_timeout = runner.app[PROXY_KEY].config.server.shutdown_write_timeout_s
+        await asyncio.wait(set(streams), timeout=write_timeout + 0.5)
     await runner.cleanup()
     return cancelled

@@ -6,6 +6,7 @@ python -m loadtest overhead --concurrency 1 --requests 2000
 python -m loadtest client --requests 4000 --concurrency 32
 python -m loadtest scenarios
 python -m loadtest fleet --duration 16 --rate 40
+python -m loadtest abuse [--only zip-bomb,slowloris] [--scale 0.1]
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--window", type=float, default=3.0, help="seconds just after the change to report")
     f.add_argument("--sync-interval-ms", type=float, default=250.0)
     f.add_argument("--seed", type=int, default=1)
+
+    a = sub.add_parser("abuse", help="issue 13's hostile-client attacks at full size, with their cost")
+    a.add_argument("--only", help="comma-separated attacks (default: all)")
+    a.add_argument("--scale", type=float, default=1.0, help="multiply every attack's count/size by this")
+    a.add_argument("--out", type=Path, default=Path("loadtest/results/abuse"), help="logs and configs")
     return p
 
 
@@ -149,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
             for name, desc in s.describe(30.0).items():
                 print(f"{'':9}   {name}: {desc}")
         return 0
+    if args.cmd == "abuse":
+        from . import abuse
+
+        names = list(abuse.ATTACKS) if not args.only else [n.strip() for n in args.only.split(",")]
+        bad = [n for n in names if n not in abuse.ATTACKS]
+        if bad:
+            raise SystemExit(f"--only: choose from {', '.join(abuse.ATTACKS)} (got {', '.join(bad)})")
+        return int(_run_async(abuse.main(names, args.out, args.scale)))
     if args.cmd == "config":
         from .run import proxy_config
 
