@@ -16,6 +16,8 @@ from typing import Any
 
 STRATEGIES = ("hedge", "failover", "cheapest", "auto")
 VIRTUAL_PREFIX = "gammainfra/"
+# the OpenAI APIs the gateway serves (dialect names; hedge/dialects.py, hedge/apisupport.py)
+API_NAMES = ("chat", "responses", "completions", "embeddings")
 
 
 class ConfigError(ValueError):
@@ -59,6 +61,9 @@ class ProviderConfig:
     base_url: str
     api_key_env: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # the OpenAI APIs this provider serves (`apis = [...]`; default all): candidates at a provider
+    # without an API are never raced for it (hedge/apisupport.py)
+    apis: tuple[str, ...] = API_NAMES
 
     @property
     def chat_url(self) -> str:
@@ -135,6 +140,19 @@ class SharedConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApisConfig:
+    """[apis]: where response ids live and how long a provider's 404/405 for a path is believed.
+
+    `affinity_max_entries` / `affinity_max_age_s` bound the response id -> provider map
+    (hedge/affinity.py); `lacking_ttl_s` is how long a (provider, API) pair that answered 404/405 for
+    the path is skipped before it is tried again (hedge/apisupport.py)."""
+
+    affinity_max_entries: int = 100_000
+    affinity_max_age_s: float = 30 * 86400.0
+    lacking_ttl_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     providers: dict[str, ProviderConfig]
@@ -142,6 +160,7 @@ class Config:
     routes: dict[str, RouteConfig]
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     shared: SharedConfig | None = None
+    apis: ApisConfig = field(default_factory=ApisConfig)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -201,7 +220,9 @@ def _timeouts(d: dict[str, Any], path: str, base: Timeouts) -> Timeouts:
 
 def parse_config(raw: dict[str, Any]) -> Config:
     """Turn a parsed TOML document into a validated Config (raises ConfigError naming the key)."""
-    _unknown(raw, {"server", "timeouts", "providers", "models", "routes", "feedback", "shared"}, "config")
+    _unknown(
+        raw, {"server", "timeouts", "providers", "models", "routes", "feedback", "shared", "apis"}, "config"
+    )
     s = _table(raw.get("server", {}), "server")
     _unknown(
         s,
@@ -258,7 +279,12 @@ def parse_config(raw: dict[str, Any]) -> Config:
     for name, p in _table(raw.get("providers", {}), "providers").items():
         path = f"providers.{name}"
         p = _table(p, path)
-        _unknown(p, {"base_url", "api_key_env", "timeouts"}, path)
+        _unknown(p, {"base_url", "api_key_env", "timeouts", "apis"}, path)
+        apis = p.get("apis", list(API_NAMES))
+        if not isinstance(apis, list) or not apis or not all(a in API_NAMES for a in apis):
+            raise ConfigError(
+                f"{path}.apis: expected a non-empty list of {', '.join(API_NAMES)}, got {apis!r}"
+            )
         base_url = _str(p, "base_url", path)
         if not base_url or not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{path}.base_url: expected an http:// or https:// URL, got {base_url!r}")
@@ -269,6 +295,7 @@ def parse_config(raw: dict[str, Any]) -> Config:
             timeouts=_timeouts(
                 _table(p.get("timeouts", {}), f"{path}.timeouts"), f"{path}.timeouts", timeouts
             ),
+            apis=tuple(dict.fromkeys(apis)),
         )
     if not providers:
         raise ConfigError("providers: at least one provider is required")
@@ -352,9 +379,17 @@ def parse_config(raw: dict[str, Any]) -> Config:
         max_backoff_s=_num(f, "max_backoff_s", "feedback", 60.0, lo=0.01),
     )
     shared = _shared(_table(raw["shared"], "shared")) if "shared" in raw else None
-    return Config(
-        server=server, providers=providers, models=models, routes=routes, feedback=feedback, shared=shared
+    a = _table(raw.get("apis", {}), "apis")
+    _unknown(a, {"affinity_max_entries", "affinity_max_age_s", "lacking_ttl_s"}, "apis")
+    apis_cfg = ApisConfig(
+        affinity_max_entries=_int(a, "affinity_max_entries", "apis", 100_000, lo=1),
+        affinity_max_age_s=_num(a, "affinity_max_age_s", "apis", 30 * 86400.0, lo=1.0),
+        lacking_ttl_s=_num(a, "lacking_ttl_s", "apis", 300.0, lo=0.0),
     )
+    return Config(
+        server=server, providers=providers, models=models, routes=routes, feedback=feedback, shared=shared,
+        apis=apis_cfg,
+    )  # fmt: skip
 
 
 def _shared(d: dict[str, Any]) -> SharedConfig:

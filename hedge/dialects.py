@@ -399,7 +399,7 @@ def take_usage(chunk: bytes, dialect: Dialect, strip: bool = False) -> tuple[byt
     return chunk, usage
 
 
-_TERMINAL_HINT = b"response."
+_TERMINAL_HINTS = tuple(t.encode() for t in sorted(RESPONSES_TERMINAL))
 
 
 def end_at(chunk: bytes, dialect: Dialect) -> int | None:
@@ -409,10 +409,12 @@ def end_at(chunk: bytes, dialect: Dialect) -> int | None:
     i = chunk.find(DONE_MARK)
     if i >= 0:
         return i
-    if dialect.name != "responses" or _TERMINAL_HINT not in chunk:
+    # every Responses event names "response.", so look for the terminal types themselves: most chunks
+    # of a stream then cost three substring searches and no parse
+    if dialect.name != "responses" or not any(t in chunk for t in _TERMINAL_HINTS):
         return None
     for _start, end, payload in split_events(chunk):
-        if payload is None or not any(t.encode() in payload for t in RESPONSES_TERMINAL):
+        if payload is None or not any(t in payload for t in _TERMINAL_HINTS):
             continue
         event = _event_json(payload)
         if event is not None and dialect.is_end(event):

@@ -12,7 +12,8 @@ Names (all prefixed `hedge_`):
 - budget_refusals_total {route}; hedge_delay_seconds {route}: the route's current hedge delay for its
   primary at the default dial (set by every hedged request; a caller's Cost-Quality dial is left out)
 - client_ttft_seconds {route}: what the caller saw (request in -> first byte of the answer out)
-- requests_total {route, code}; inflight_requests; inflight_attempts {provider}
+- requests_total {route, code, api}: api = chat | responses | completions | embeddings
+- inflight_requests; inflight_attempts {provider}
 - tokens_total {model, provider, kind}; cost_usd_total {model, provider}
 - wasted_tokens_total, wasted_cost_usd_total {model, provider, reason}: cancelled attempts; reason =
   lost (a hedge race loser: the price of hedging) | abandoned (the client left) | rejected (another
@@ -72,7 +73,7 @@ class Metrics:
             buckets=TTFT_BUCKETS, registry=r,
         )  # fmt: skip
         self.requests = Counter(
-            "hedge_requests", "Requests by route and status", ("route", "code"), registry=r
+            "hedge_requests", "Requests by route, status and API", ("route", "code", "api"), registry=r
         )
         self.inflight_requests = Gauge(
             "hedge_inflight_requests", "Requests in flight", registry=r, multiprocess_mode="livesum"

@@ -25,7 +25,8 @@ from .proxy import Proxy
 log = logging.getLogger("hedge.server")
 
 PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
-# the tasks serving /v1/chat/completions right now: what a graceful shutdown waits for, then cancels
+# the tasks serving a racing POST (chat, responses, embeddings, completions): what a graceful shutdown
+# waits for, then cancels
 STREAMS_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams", set)
 GUARD_KEY: web.AppKey[ConnGuard] = web.AppKey("guard")
 
@@ -87,7 +88,7 @@ def cors_middleware(allowed: tuple[str, ...]) -> Any:
             return web.Response(
                 status=204,
                 headers={
-                    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
                     "Access-Control-Allow-Headers": req_headers[:2000] or "Authorization, Content-Type",
                     "Access-Control-Max-Age": "600",
                 },
@@ -188,14 +189,19 @@ def build_app(proxy: Proxy) -> web.Application:
     streams: set[asyncio.Task[Any]] = set()
     app[STREAMS_KEY] = streams
 
-    async def chat_completions(request: web.Request) -> web.StreamResponse:
-        task = asyncio.current_task()  # aiohttp runs each request in a task of its own
-        assert task is not None
-        streams.add(task)
-        try:
-            return await proxy.chat_completions(request)
-        finally:
-            streams.discard(task)
+    def tracked(handler: Any) -> Any:
+        """A POST that races: its task is in `streams`, so a graceful shutdown waits for it."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            task = asyncio.current_task()  # aiohttp runs each request in a task of its own
+            assert task is not None
+            streams.add(task)
+            try:
+                return cast(web.StreamResponse, await handler(request))
+            finally:
+                streams.discard(task)
+
+        return handle
 
     async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: say "send the body" only to a caller that may send it (key, media
@@ -214,13 +220,26 @@ def build_app(proxy: Proxy) -> web.Application:
             request.writer.output_size = 0  # as aiohttp's own handler: the real answer is still to come
         return None
 
-    app.router.add_post("/v1/chat/completions", chat_completions, expect_handler=expect_continue)
+    # every racing API takes the same path: head checks (also before `100 Continue`), the bounded body,
+    # then the slot (Proxy._handle)
+    for path, handler in (
+        ("/v1/chat/completions", proxy.chat_completions),
+        ("/v1/responses", proxy.responses),
+        ("/v1/embeddings", proxy.embeddings),
+        ("/v1/completions", proxy.completions),
+    ):
+        app.router.add_post(path, tracked(handler), expect_handler=expect_continue)
+    # a stored response's state lives at its provider: passed there (Proxy.response_state)
+    app.router.add_get("/v1/responses/{id}", proxy.response_state)
+    app.router.add_delete("/v1/responses/{id}", proxy.response_state)
+    app.router.add_post("/v1/responses/{id}/{rest:cancel}", proxy.response_state)
+    app.router.add_get("/v1/responses/{id}/{rest:input_items}", proxy.response_state)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
 
     async def close_upstream(app: web.Application) -> None:
-        await proxy.upstream.close()
+        await proxy.close()
 
     app.on_cleanup.append(close_upstream)
     return app

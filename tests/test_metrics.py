@@ -110,7 +110,7 @@ async def disconnect_when(
     req.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await req
-    m = px.proxy.metrics.requests.labels(ROUTE, "499")
+    m = px.proxy.metrics.requests.labels(ROUTE, "499", "chat")
     assert await eventually(lambda: m._value.get() == n, timeout=5.0)
     assert await eventually(lambda: all(r.ended for p in ps.values() for r in p.records), timeout=5.0)
 
