@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from .catalog import Catalog
+from .config import ServerConfig
 from .conn_limits import ConnectionGate, HeadClock, Phase, connection_cap, raise_nofile_limit
 from .errors import ApiError
 from .feedback import blended_price
@@ -416,7 +417,8 @@ async def start_site(
     The connection limit and the idle/head timeouts come from the proxy's `[server]` config; the
     connection limit is kept under half the fd limit, which is raised first where the OS allows."""
     kwargs: dict[str, Any] = {} if access_log else {"access_log": None}
-    sc = app[PROXY_KEY].config.server
+    # an app without a proxy (a test's scripted provider) gets the default limits
+    sc = app[PROXY_KEY].config.server if PROXY_KEY in app else ServerConfig()
     guard = ConnGuard(
         ConnectionGate(connection_cap(sc.max_connections, raise_nofile_limit())),
         idle_timeout=sc.keepalive_timeout_s,
