@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from .apisupport import model_apis
 from .catalog import Catalog
 from .config import ServerConfig
 from .conn_limits import ConnectionGate, HeadClock, Phase, connection_cap, raise_nofile_limit
@@ -133,7 +134,10 @@ def models_body(catalog: Catalog) -> bytes:
             }
         )
     for name, r in catalog.config.routes.items():
-        cands = catalog.expand(r.candidates)
+        every = catalog.expand(r.candidates)
+        # prices and limits describe what the route generates with: its chat-kind models when it has
+        # any (an embeddings model in the route serves only /v1/embeddings; it is in "candidates")
+        cands = tuple(c for c in every if "embeddings" not in model_apis(c.model)) or every
         data.append(
             {
                 "id": name,
@@ -142,7 +146,7 @@ def models_body(catalog: Catalog) -> bytes:
                 "owned_by": "gammainfra",
                 "type": "route",
                 "strategy": r.strategy,
-                "candidates": [c.endpoint for c in cands],
+                "candidates": [c.endpoint for c in every],
                 "pricing": {
                     "input_usd_per_mtok": [min(c.model.input_usd_per_mtok for c in cands),
                                            max(c.model.input_usd_per_mtok for c in cands)],
