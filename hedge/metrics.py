@@ -6,7 +6,8 @@ because `labels()` costs a dict lookup and a lock on every call and the hot path
 
 Names (all prefixed `hedge_`):
 - upstream_ttft_seconds / upstream_duration_seconds {provider, model}: histograms per candidate
-- attempts_total {provider, model, outcome}: outcome = won | cancelled | failed | abandoned | rejected
+- attempts_total {provider, model, outcome, api}: outcome = won | cancelled | failed | abandoned |
+  rejected; api as for requests_total
 - hedges_total {route, reason}: extra launches, reason = delay | error
 - hedge_budget_ratio {route}: the configured hedge_budget, so dashboards draw the real line
 - budget_refusals_total {route}; hedge_delay_seconds {route}: the route's current hedge delay for its
@@ -54,7 +55,7 @@ class Metrics:
             buckets=DURATION_BUCKETS, registry=r,
         )  # fmt: skip
         self.attempts = Counter(
-            "hedge_attempts", "Upstream attempts by outcome", (*pm, "outcome"), registry=r
+            "hedge_attempts", "Upstream attempts by outcome and API", (*pm, "outcome", "api"), registry=r
         )
         self.hedges = Counter("hedge_hedges", "Extra attempts launched", ("route", "reason"), registry=r)
         self.budget_refusals = Counter(

@@ -196,7 +196,9 @@ class Proxy:
                 m.hedges.labels(route.name, "delay")
                 m.hedges.labels(route.name, "explore")
         for c in catalog.all_candidates():
-            m.attempts.labels(c.provider.name, c.upstream_model, "failed")
+            for api in DIALECTS:  # per API the candidate may serve (by config and model kind)
+                if self.api_support.configured(c, api):
+                    m.attempts.labels(c.provider.name, c.upstream_model, "failed", api)
 
     def lane(self, stream: bool) -> Feedback:
         """The feedback lane for this kind of request (see `Feedback`)."""
@@ -546,7 +548,8 @@ class Proxy:
                         actions += race.on_first_token(i, now)
                     else:
                         fb.on_failure(c, _for_health(r.failure), now, launched_at=att.launched_at)
-                        self._count(c, "rejected" if r.failure.kind is FailureKind.CALLER else "failed")
+                        ended = "rejected" if r.failure.kind is FailureKind.CALLER else "failed"
+                        self._count(c, ended, call.api)
                         actions += race.on_failure(i, r.failure, now)
                 actions += race.on_timer(now)
         except asyncio.CancelledError:
@@ -571,7 +574,7 @@ class Proxy:
             return outcome
         assert winner is not None
         c = cands[win_idx]
-        self._count(c, "won")
+        self._count(c, "won", call.api)
         self.metrics.client_ttft.labels(plan.name).observe(self.clock() - t_in)
         timing = (
             f"setup;dur={(t_launch0 - t_in) * 1000:.2f}, "
@@ -590,8 +593,8 @@ class Proxy:
             return await self._pump(request, call, plan, c, winner, headers, key_id, launched)
         return self._finish_json(call, c, winner, headers, key_id, launched)
 
-    def _count(self, c: Candidate, outcome: str) -> None:
-        self.metrics.attempts.labels(c.provider.name, c.upstream_model, outcome).inc()
+    def _count(self, c: Candidate, outcome: str, api: str) -> None:
+        self.metrics.attempts.labels(c.provider.name, c.upstream_model, outcome, api).inc()
 
     def _cancel(
         self,
@@ -625,7 +628,7 @@ class Proxy:
             r.resp.abort()
         if r is None:
             fb.on_cancelled(c, now - att.launched_at, now, lost=reason == "lost", launched_at=att.launched_at)
-        self._count(c, "abandoned" if reason == "abandoned" else "cancelled")
+        self._count(c, "abandoned" if reason == "abandoned" else "cancelled", call.api)
         # A cancelled attempt is billed for its prompt (providers bill input once generation starts);
         # completion tokens before the first token are unknown and counted as zero.
         wasted = call.wasted_tokens
