@@ -160,6 +160,22 @@ async def test_previous_response_id_sticks_to_its_provider_even_when_slower() ->
             await no_leaks(px)
 
 
+async def test_owner_that_no_longer_holds_the_parent_answers_for_itself() -> None:
+    # the gateway still maps the id to a, but a has dropped it: a's own 404 is the caller's answer,
+    # never a failover to b (which could not hold it either)
+    async with sims(("a", Behaviour(tokens=2)), ("b", Behaviour())) as ps:
+        async with run_proxy(config(ps)) as px, sdk(px) as client:
+            first = await client.responses.create(model="gammainfra/fast", input="hi")
+            ps["a"].stored.clear()
+            with pytest.raises(openai.NotFoundError) as e:
+                await client.responses.create(
+                    model="gammainfra/fast", input="more", previous_response_id=first.id
+                )
+            assert e.value.code == "previous_response_not_found"
+            assert len(ps["a"].records) == 2 and ps["b"].records == []
+            await no_leaks(px)
+
+
 async def test_stored_response_state_reaches_its_owner_and_unknown_ids_get_404() -> None:
     async with sims(("a", Behaviour(tokens=2)), ("b", Behaviour(ttft=SLOW))) as ps:
         async with run_proxy(config(ps)) as px, sdk(px) as client:
