@@ -278,8 +278,13 @@ class Proxy:
             async with self._state_client.request(
                 request.method, url, headers=headers, timeout=timeout, allow_redirects=False
             ) as up:
-                body = await up.content.read(RESPONSE_LIMIT)
                 status, ctype = up.status, up.content_type
+                buf = bytearray()
+                async for piece in up.content.iter_any():  # to the end (read(n) stops at what is there)
+                    buf += piece
+                    if len(buf) > RESPONSE_LIMIT:
+                        raise ApiError(502, "The provider's answer is too large.", code="upstream_failed")
+                body = bytes(buf)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise ApiError(
                 502, f"The provider holding response '{rid}' could not be reached ({type(e).__name__}).",
