@@ -238,6 +238,28 @@ async def test_responses_bad_input_is_400_json_and_unknown_model_404() -> None:
             assert ps["a"].records == []
 
 
+async def test_new_routes_keep_the_hostile_client_limits() -> None:
+    """Body size, JSON shape and media type are checked on every racing route as on chat, before any
+    upstream call (issue 13's rules, applied by the one handler)."""
+    async with sims(("a", Behaviour())) as ps:
+        raw = config(ps, server={"max_body_bytes": 4096, "max_json_items": 64})
+        async with run_proxy(raw) as px, aiohttp.ClientSession() as http:
+            for path in ("/v1/responses", "/v1/embeddings", "/v1/completions"):
+                big = {"model": "gammainfra/fast", "input": "x" * 8000, "prompt": "x"}
+                many = {"model": "gammainfra/fast", "input": ["x"] * 100, "prompt": ["x"] * 100}
+                for body, status, code in (
+                    (big, 413, "request_too_large"),
+                    (many, 400, "request_too_complex"),
+                ):
+                    async with http.post(px.url + path, json=body) as r:
+                        assert r.status == status, path
+                        assert (await r.json())["error"]["code"] == code, path
+                async with http.post(px.url + path, data=b"{}", headers={"Content-Type": "text/plain"}) as r:
+                    assert r.status == 415, path
+            assert ps["a"].records == []
+            await no_leaks(px)
+
+
 async def test_provider_without_the_path_is_skipped_and_its_chat_stays_healthy() -> None:
     # a is an OpenAI-compatible server without /v1/responses (a text 404 page); b has it
     no_path = Behaviour(status=404, error_body=b"404 page not found")
