@@ -25,7 +25,7 @@ def _bad(message: str, param: str | None, code: str = "invalid_value") -> ApiErr
     return ApiError(400, message, param=param, code=code)
 
 
-def _object(raw: bytes) -> dict[str, Any]:
+def _object(raw: bytes | bytearray) -> dict[str, Any]:
     if not raw:
         raise _bad("The request body is empty; expected a JSON object.", None, "invalid_json")
     try:
@@ -117,7 +117,7 @@ class ResponsesRequest:
         return self.input_chars // CHARS_PER_TOKEN
 
 
-def parse_responses_request(raw: bytes) -> ResponsesRequest:
+def parse_responses_request(raw: bytes | bytearray) -> ResponsesRequest:
     """POST /v1/responses. `input` is a string or an array of input items (objects); it may be left out
     only when a stored `prompt` supplies it."""
     body = _object(raw)
@@ -215,7 +215,9 @@ def _strings_or_tokens(body: dict[str, Any], key: str, *, empty_strings: bool) -
     return len(value), chars
 
 
-def parse_embeddings_request(raw: bytes, max_inputs: int = MAX_EMBEDDING_INPUTS) -> EmbeddingsRequest:
+def parse_embeddings_request(
+    raw: bytes | bytearray, max_inputs: int = MAX_EMBEDDING_INPUTS
+) -> EmbeddingsRequest:
     """POST /v1/embeddings. `input`: a string, an array of strings, an array of tokens, or an array of
     token arrays; at most `max_inputs` entries (the model's limit), none empty."""
     body = _object(raw)
@@ -251,7 +253,7 @@ class CompletionsRequest:
         return self.prompt_chars // CHARS_PER_TOKEN
 
 
-def parse_completions_request(raw: bytes) -> CompletionsRequest:
+def parse_completions_request(raw: bytes | bytearray) -> CompletionsRequest:
     """POST /v1/completions (legacy, FIM). `prompt`: a string, an array of strings, an array of tokens
     or an array of token arrays."""
     body = _object(raw)

@@ -4,8 +4,7 @@ Not every provider serves every OpenAI API (many compatible servers have chat co
 `/v1/responses`), and an embedding model answers no chat. A race must only start candidates that can
 answer, so candidates are filtered per API by three rules, all of which must allow it:
 
-1. the provider's `apis` list from config (default: all APIs) -- the config key arrives with the
-   wiring step; until then `ApiSupport` takes the lists as a plain mapping;
+1. the provider's `apis` list from config (default: all APIs; `ApiSupport.from_config`);
 2. the model's kind: a model tagged `embeddings` serves only `/v1/embeddings`, any other model every
    API but that one (`model_apis`);
 3. what a provider showed: a 404 or 405 *for the path* (not for a model or a response id) marks the
@@ -23,9 +22,8 @@ from collections.abc import Callable, Iterable, Mapping
 import orjson
 
 from .catalog import Candidate
-from .config import ModelConfig
+from .config import API_NAMES, Config, ModelConfig
 
-API_NAMES = ("chat", "responses", "completions", "embeddings")
 ALL_APIS = frozenset(API_NAMES)
 API_PATHS = {
     "chat": "/chat/completions",
@@ -94,10 +92,20 @@ class ApiSupport:
         self._clock = clock
         self._lacking: dict[tuple[str, str], float] = {}  # (provider, api) -> until when it is skipped
 
+    @classmethod
+    def from_config(cls, config: Config, clock: Callable[[], float] = time.monotonic) -> ApiSupport:
+        return cls(
+            {name: p.apis for name, p in config.providers.items()},
+            lacking_ttl_s=config.apis.lacking_ttl_s,
+            clock=clock,
+        )
+
+    def configured(self, c: Candidate, api: str) -> bool:
+        """Rules 1 and 2 only: config and the model's kind (what no answer of a provider changes)."""
+        return api in self.provider_apis.get(c.provider.name, ALL_APIS) and api in model_apis(c.model)
+
     def serves(self, c: Candidate, api: str) -> bool:
-        if api not in self.provider_apis.get(c.provider.name, ALL_APIS):
-            return False
-        if api not in model_apis(c.model):
+        if not self.configured(c, api):
             return False
         until = self._lacking.get((c.provider.name, api))
         if until is None:

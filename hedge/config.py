@@ -24,6 +24,8 @@ from typing import Any, get_type_hints
 
 STRATEGIES = ("hedge", "failover", "cheapest", "auto")
 VIRTUAL_PREFIX = "gammainfra/"
+# the OpenAI APIs the gateway serves (dialect names; hedge/dialects.py, hedge/apisupport.py)
+API_NAMES = ("chat", "responses", "completions", "embeddings")
 NOT_A_KEY: Mapping[str, Any] = {"not_a_key": True}  # metadata of a field the parser sets (a table's name)
 
 
@@ -94,6 +96,9 @@ class ProviderConfig:
     base_url: str = setting()
     api_key_env: str | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # the OpenAI APIs this provider serves (`apis = [...]`; default all): candidates at a provider
+    # without an API are never raced for it (hedge/apisupport.py)
+    apis: tuple[str, ...] = API_NAMES
 
     @property
     def chat_url(self) -> str:
@@ -172,6 +177,19 @@ class SharedConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApisConfig:
+    """[apis]: where response ids live and how long a provider's 404/405 for a path is believed.
+
+    `affinity_max_entries` / `affinity_max_age_s` bound the response id -> provider map
+    (hedge/affinity.py); `lacking_ttl_s` is how long a (provider, API) pair that answered 404/405 for
+    the path is skipped before it is tried again (hedge/apisupport.py)."""
+
+    affinity_max_entries: int = setting(100_000, lo=1)
+    affinity_max_age_s: float = setting(30 * 86400.0, lo=1.0)
+    lacking_ttl_s: float = setting(300.0, lo=0.0)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     providers: dict[str, ProviderConfig]
@@ -179,6 +197,7 @@ class Config:
     routes: dict[str, RouteConfig]
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     shared: SharedConfig | None = None
+    apis: ApisConfig = field(default_factory=ApisConfig)
 
 
 # ------------------------------------------------------------------------------- the derived reader
@@ -341,9 +360,11 @@ def parse_config(raw: dict[str, Any]) -> Config:
         FeedbackConfig, _table(raw.get("feedback", {}), "feedback"), "feedback"
     )
     shared = _shared(_table(raw["shared"], "shared")) if "shared" in raw else None
+    apis: ApisConfig = _section(ApisConfig, _table(raw.get("apis", {}), "apis"), "apis")
     return Config(
-        server=server, providers=providers, models=models, routes=routes, feedback=feedback, shared=shared
-    )
+        server=server, providers=providers, models=models, routes=routes, feedback=feedback, shared=shared,
+        apis=apis,
+    )  # fmt: skip
 
 
 def _server(s: dict[str, Any]) -> ServerConfig:
@@ -363,7 +384,14 @@ def _providers(raw: dict[str, Any]) -> dict[str, ProviderConfig]:
         path = f"providers.{name}"
         p = _table(p, path)
         own = _timeouts(p.get("timeouts", {}), f"{path}.timeouts", timeouts)
-        provider: ProviderConfig = _section(ProviderConfig, p, path, name=name, timeouts=own)
+        apis = p.get("apis", list(API_NAMES))
+        if not isinstance(apis, list) or not apis or not all(a in API_NAMES for a in apis):
+            raise ConfigError(
+                f"{path}.apis: expected a non-empty list of {', '.join(API_NAMES)}, got {apis!r}"
+            )
+        provider: ProviderConfig = _section(
+            ProviderConfig, p, path, name=name, timeouts=own, apis=tuple(dict.fromkeys(apis))
+        )
         if not provider.base_url or not provider.base_url.startswith(("http://", "https://")):
             raise ConfigError(
                 f"{path}.base_url: expected an http:// or https:// URL, got {provider.base_url!r}"

@@ -4,9 +4,10 @@ can be seen working with no API keys.
 Three simulated providers with different latency profiles serve a small catalog. `openai/gpt-5-mini`
 carries the seed's figures (0.25 / 2.00 USD per 1M tokens, 256K context, 128K max output); the other
 models' prices are illustrative. `gammainfra/fast` races all three providers, so a first `curl` shows a
-hedge winning whenever the stall-prone primary stalls. The embedding models (tagged `embeddings`,
-priced per input token only) are not in any chat route; `apisupport.model_apis` keeps them out of
-chat races once the proxy serves /v1/embeddings.
+hedge winning whenever the stall-prone primary stalls. `gammainfra/fast` also holds
+`openai/text-embedding-3-small` (tagged `embeddings`, priced per input token only), served by two
+providers: `POST /v1/embeddings` with `gammainfra/fast` races those two, and `apisupport.model_apis`
+keeps it out of chat, Responses and completions races (and the chat models out of embeddings races).
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def demo_raw_config(base_urls: dict[str, str], host: str = "127.0.0.1", port: in
         "routes": {
             "gammainfra/fast": {
                 "strategy": "hedge",
-                "candidates": ["openai/gpt-5-mini", "google/gemini-2.5-flash"],
+                "candidates": [
+                    "openai/gpt-5-mini", "google/gemini-2.5-flash", "openai/text-embedding-3-small",
+                ],
                 "quantile": 0.95, "min_delay_ms": 25, "max_delay_ms": 3000, "default_delay_ms": 150,
                 "max_attempts": 3, "hedge_budget": 0.10,
             },

@@ -374,20 +374,46 @@ def _event_json(payload: bytes | None) -> dict[str, Any] | None:
     return event if isinstance(event, dict) else None
 
 
+def _event_around(chunk: bytes, idx: int) -> tuple[int, int] | None:
+    """(start, end) of the complete event holding byte `idx` of `chunk`, by the one framing rule; None
+    when that event is not complete in `chunk`. Only the bytes around `idx` are scanned."""
+    m = _BLANK.search(chunk, idx)
+    if m is None:
+        return None
+    if b"\r" not in chunk:
+        i = chunk.rfind(b"\n\n", 0, idx)
+        return (i + 2 if i >= 0 else 0), m.end()
+    start = 0
+    for b in _BLANK.finditer(chunk, 0, idx):
+        start = b.end()
+    return start, m.end()
+
+
 def take_usage(chunk: bytes, dialect: Dialect, strip: bool = False) -> tuple[bytes, Usage | None]:
     """Find the usage in a chunk of whole events (forwarded after the first token).
 
-    Only chunks holding the usage marker are parsed, so the forwarder stays byte-cheap. With `strip`,
+    Only chunks holding the usage marker are looked at, and then only the events holding it are
+    parsed (a whole stream can arrive in one chunk), so the forwarder stays byte-cheap. With `strip`,
     a chat-style usage-only event (no `choices`, added because the proxy asked for usage the caller did
     not) is cut out; a Responses usage lives inside `response.completed` and is never cut.
     """
-    if USAGE_MARK not in chunk and b'"usage": {' not in chunk:
-        return chunk, None
     usage: Usage | None = None
-    for start, end, payload in split_events(chunk):
-        if payload is None or b'"usage"' not in payload:
-            continue
-        event = _event_json(payload)
+    pos = 0
+    while True:
+        idx = chunk.find(USAGE_MARK, pos)
+        if idx < 0:
+            idx = chunk.find(b'"usage": {', pos)
+            if idx < 0:
+                return chunk, usage
+        span = _event_around(chunk, idx)
+        if span is None:
+            return chunk, usage
+        start, end = span
+        pos = end
+        raw = chunk[start:end]
+        if b"\r" in raw:
+            raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        event = _event_json(_data(raw.rstrip(b"\n")))
         if event is None:
             continue
         u = dialect.usage(event)
@@ -396,10 +422,9 @@ def take_usage(chunk: bytes, dialect: Dialect, strip: bool = False) -> tuple[byt
         usage = u
         if strip and dialect.name in ("chat", "completions") and not event.get("choices"):
             return chunk[:start] + chunk[end:], usage
-    return chunk, usage
 
 
-_TERMINAL_HINT = b"response."
+_TERMINAL_HINTS = tuple(t.encode() for t in sorted(RESPONSES_TERMINAL))
 
 
 def end_at(chunk: bytes, dialect: Dialect) -> int | None:
@@ -409,10 +434,12 @@ def end_at(chunk: bytes, dialect: Dialect) -> int | None:
     i = chunk.find(DONE_MARK)
     if i >= 0:
         return i
-    if dialect.name != "responses" or _TERMINAL_HINT not in chunk:
+    # every Responses event names "response.", so look for the terminal types themselves: most chunks
+    # of a stream then cost three substring searches and no parse
+    if dialect.name != "responses" or not any(t in chunk for t in _TERMINAL_HINTS):
         return None
     for _start, end, payload in split_events(chunk):
-        if payload is None or not any(t.encode() in payload for t in RESPONSES_TERMINAL):
+        if payload is None or not any(t in payload for t in _TERMINAL_HINTS):
             continue
         event = _event_json(payload)
         if event is not None and dialect.is_end(event):

@@ -6,13 +6,15 @@ because `labels()` costs a dict lookup and a lock on every call and the hot path
 
 Names (all prefixed `hedge_`):
 - upstream_ttft_seconds / upstream_duration_seconds {provider, model}: histograms per candidate
-- attempts_total {provider, model, outcome}: outcome = won | cancelled | failed | abandoned | rejected
+- attempts_total {provider, model, outcome, api}: outcome = won | cancelled | failed | abandoned |
+  rejected; api as for requests_total
 - hedges_total {route, reason}: extra launches, reason = delay | error
 - hedge_budget_ratio {route}: the configured hedge_budget, so dashboards draw the real line
 - budget_refusals_total {route}; hedge_delay_seconds {route}: the route's current hedge delay for its
   primary at the default dial (set by every hedged request; a caller's Cost-Quality dial is left out)
 - client_ttft_seconds {route}: what the caller saw (request in -> first byte of the answer out)
-- requests_total {route, code}; inflight_requests; inflight_attempts {provider}
+- requests_total {route, code, api}: api = chat | responses | completions | embeddings
+- inflight_requests; inflight_attempts {provider}
 - tokens_total {model, provider, kind}; cost_usd_total {model, provider}
 - wasted_tokens_total, wasted_cost_usd_total {model, provider, reason}: cancelled attempts; reason =
   lost (a hedge race loser: the price of hedging) | abandoned (the client left) | rejected (another
@@ -53,7 +55,7 @@ class Metrics:
             buckets=DURATION_BUCKETS, registry=r,
         )  # fmt: skip
         self.attempts = Counter(
-            "hedge_attempts", "Upstream attempts by outcome", (*pm, "outcome"), registry=r
+            "hedge_attempts", "Upstream attempts by outcome and API", (*pm, "outcome", "api"), registry=r
         )
         self.hedges = Counter("hedge_hedges", "Extra attempts launched", ("route", "reason"), registry=r)
         self.budget_refusals = Counter(
@@ -72,7 +74,7 @@ class Metrics:
             buckets=TTFT_BUCKETS, registry=r,
         )  # fmt: skip
         self.requests = Counter(
-            "hedge_requests", "Requests by route and status", ("route", "code"), registry=r
+            "hedge_requests", "Requests by route, status and API", ("route", "code", "api"), registry=r
         )
         self.inflight_requests = Gauge(
             "hedge_inflight_requests", "Requests in flight", registry=r, multiprocess_mode="livesum"

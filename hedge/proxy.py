@@ -5,11 +5,17 @@ The flow is in docs/design.md, "The request path".
 This module is the I/O edge. Decisions come from `race.Race` (launch/commit/cancel) and `feedback`
 (order, delay, budget); here we only open connections, read until a first token, cancel, and copy bytes.
 
-Streams after the win are copied chunk by chunk. The only look at them is event-aligned and cheap:
-we forward whole SSE events (holding back a partial event until its end arrives, so the bytes are the
-upstream's own, in order), look for the usage event with one substring search per chunk (to compute the
-cost and to strip that event when the caller did not ask for it), and put the cost comment line before
-`data: [DONE]`.
+Every API (chat, Responses, legacy completions, embeddings) takes the same race path; what differs is
+a `Dialect` (hedge/dialects.py: which event is a first token, which JSON body is valid, where the usage
+and the stream's end are) carried by the request's `Call`. Streams after the win are copied chunk by
+chunk. The only look at them is event-aligned and cheap: we forward whole SSE events (holding back a
+partial event until its end arrives, so the bytes are the upstream's own, in order), look for the usage
+with a substring search per chunk (to compute the cost and to strip a usage event the caller did not
+ask for), and put the cost comment line at the stream's end (`dialects.end_at`: before `data: [DONE]`,
+or after a Responses terminal event).
+
+Responses state lives at one provider: the winner's response id is recorded (`affinity`), requests that
+continue a response go to its owner unhedged, and GET/DELETE/cancel/input_items are passed to it.
 """
 
 from __future__ import annotations
@@ -21,9 +27,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
+from .affinity import AffinityConfig, AffinityMap, owner_or_404, pin
+from .apirequests import (
+    ResponsesRequest,
+    parse_completions_request,
+    parse_embeddings_request,
+    parse_response_id,
+    parse_responses_request,
+)
+from .apisupport import API_PATHS, ApiSupport, api_url, model_apis
 from .auth import KeyChecker
 from .autoroute import choose_chain, classify
 from .body import (
@@ -34,6 +50,24 @@ from .body import (
     read_body,
 )
 from .catalog import Candidate, Catalog, Plan
+from .dialects import (
+    CHAT,
+    COMPLETIONS,
+    DIALECTS,
+    EMBEDDINGS,
+    RESPONSES,
+    TOKEN,
+    Dialect,
+    StreamDetector,
+    StreamError,
+    Usage,
+    end_at,
+    event_cut,
+    insert_cost,
+    parse_json_body,
+    split_events,
+    take_usage,
+)
 from .errors import ApiError, NoCandidates, sse_error_event
 from .feedback import DEFAULT_EAGERNESS, Feedback, Order
 from .http_errors import error_response
@@ -41,7 +75,6 @@ from .metrics import Metrics
 from .race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Reject
 from .request import ChatRequest, parse_chat_request, parse_cost_quality, parse_preference
 from .secrets import MIN_SECRET_LEN, REDACTED, Scrubber
-from .sse import TOKEN, FirstTokenDetector, StreamError
 from .strategy import get as get_strategy
 from .upstream import Response, UpstreamClient, UpstreamError, UpstreamTimeout, make_client
 
@@ -50,8 +83,23 @@ log = logging.getLogger("hedge.proxy")
 ERROR_BODY_LIMIT = 64 * 1024
 RESPONSE_LIMIT = 64 * 1024 * 1024
 PENDING_LIMIT = 1 << 20
-USAGE_MARK = b'"usage":{'
-DONE_MARK = b"data: [DONE]"
+LACKS_API = "lacks_api"  # the failure reason of an attempt whose provider has no such path (404/405)
+
+
+@dataclass(slots=True)
+class Call:
+    """One request to race, whatever its API: all `_serve` needs to know about it."""
+
+    dialect: Dialect
+    body: dict[str, Any]
+    stream: bool
+    strip_usage: bool  # a chat-like stream: we ask for the usage event, and cut it out again
+    wasted_tokens: int  # the prompt estimate a cancelled attempt is billed for
+    pinned: bool = False  # state at one provider: one attempt, no hedge (Responses continuation/background)
+
+    @property
+    def api(self) -> str:
+        return self.dialect.name
 
 
 @dataclass(slots=True)
@@ -128,6 +176,18 @@ class Proxy:
                 if len(key) >= MIN_SECRET_LEN:
                     self._stream_keys[name] = key.encode()
             self._headers[name] = h
+        # per provider and API, the upstream URL (built once, not per attempt)
+        self._urls = {
+            (name, api): api_url(p.base_url, api)
+            for name, p in self.config.providers.items()
+            for api in DIALECTS
+        }
+        self.api_support = ApiSupport.from_config(self.config, clock=clock)
+        ac = self.config.apis
+        self.affinity: AffinityMap[str] = AffinityMap(
+            AffinityConfig(ac.affinity_max_entries, ac.affinity_max_age_s), clock=clock
+        )
+        self._state_client: aiohttp.ClientSession | None = None  # GET/DELETE/... /v1/responses/{id}
         self.tasks: set[asyncio.Task] = set()  # live attempt tasks, for leak tests
         m = self.metrics
         for route in self.config.routes.values():
@@ -139,7 +199,9 @@ class Proxy:
                 m.hedges.labels(route.name, "delay")
                 m.hedges.labels(route.name, "explore")
         for c in catalog.all_candidates():
-            m.attempts.labels(c.provider.name, c.upstream_model, "failed")
+            for api in DIALECTS:  # per API the candidate may serve (by config and model kind)
+                if self.api_support.configured(c, api):
+                    m.attempts.labels(c.provider.name, c.upstream_model, "failed", api)
 
     def lane(self, stream: bool) -> Feedback:
         """The feedback lane for this kind of request (see `Feedback`)."""
@@ -148,14 +210,30 @@ class Proxy:
     # ------------------------------------------------------------------------------- handler
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        """POST /v1/chat/completions. Every request is counted in hedge_requests_total, those refused
+        """POST /v1/chat/completions."""
+        return await self.serve_api(request, CHAT)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/responses."""
+        return await self.serve_api(request, RESPONSES)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/embeddings (never a stream)."""
+        return await self.serve_api(request, EMBEDDINGS)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/completions (legacy, FIM)."""
+        return await self.serve_api(request, COMPLETIONS)
+
+    async def serve_api(self, request: web.Request, dialect: Dialect) -> web.StreamResponse:
+        """One POST of any API. Every request is counted in hedge_requests_total, those refused
         before a route is known (auth, body, unknown model) under route "-", so that a model name
         made up by a caller never becomes a label."""
         t_in = self.clock()
         route = ["-"]  # the label, set once the model resolves
         code = "200"
         try:
-            resp = await self._chat(request, t_in, route)
+            resp = await self._handle(request, dialect, t_in, route)
             code = str(resp.status)
             return resp
         except ApiError as e:
@@ -168,7 +246,71 @@ class Proxy:
             code = "499"
             raise
         finally:
-            self.metrics.requests.labels(route[0], code).inc()
+            self.metrics.requests.labels(route[0], code, dialect.name).inc()
+
+    async def response_state(self, request: web.Request) -> web.StreamResponse:
+        """GET/DELETE /v1/responses/{id}, POST .../cancel, GET .../input_items: passed to the provider
+        that created the response (an id we do not know is a 404, never a guess). Counted in
+        hedge_requests_total under route "-" and api "responses"."""
+        code = "200"
+        try:
+            resp = await self._response_state(request)
+            code = str(resp.status)
+            return resp
+        except ApiError as e:
+            code = str(e.status)
+            raise
+        except asyncio.CancelledError:
+            code = "499"
+            raise
+        finally:
+            self.metrics.requests.labels("-", code, "responses").inc()
+
+    async def _response_state(self, request: web.Request) -> web.StreamResponse:
+        self.keys.check(request.headers.get("Authorization"))
+        rid = parse_response_id(request.match_info["id"])
+        rest = request.match_info.get("rest", "")
+        owner = owner_or_404(self.affinity, rid)
+        p = self.config.providers[owner]
+        url = f"{self._urls[owner, 'responses']}/{rid}" + (f"/{rest}" if rest else "")
+        if request.query_string:
+            url += "?" + request.query_string
+        if self._state_client is None:
+            self._state_client = aiohttp.ClientSession(auto_decompress=False)
+        headers = {k: v for k, v in self._headers[owner].items() if k != "Content-Type"}
+        t = p.timeouts
+        timeout = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.idle)
+        try:
+            async with self._state_client.request(
+                request.method, url, headers=headers, timeout=timeout, allow_redirects=False
+            ) as up:
+                status, ctype = up.status, up.content_type
+                buf = bytearray()
+                async for piece in up.content.iter_any():  # to the end (read(n) stops at what is there)
+                    buf += piece
+                    if len(buf) > RESPONSE_LIMIT:
+                        raise ApiError(502, "The provider's answer is too large.", code="upstream_failed")
+                body = bytes(buf)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise ApiError(
+                502, f"The provider holding response '{rid}' could not be reached ({type(e).__name__}).",
+                code="upstream_failed",
+            ) from None  # fmt: skip
+        if status == 404 or (status == 200 and request.method == "DELETE"):
+            self.affinity.forget(rid)  # gone there, so gone here: the id answers our own 404 from now on
+        if status != 200:
+            failed = Failure(FailureKind.CALLER, f"http_{status}", status)
+            return self._reject(AttemptResult(failure=failed, error_body=body))
+        return web.Response(
+            body=body, status=200, content_type=ctype or "application/json",
+            headers={"X-GammaInfra-Endpoint": f"responses@{owner}"},
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        """Close the upstream clients (the app's cleanup)."""
+        await self.upstream.close()
+        if self._state_client is not None:
+            await self._state_client.close()
 
     def precheck(self, request: web.BaseRequest) -> tuple[str | None, str]:
         """What the head alone decides, before a byte of the body is read (and before `100 Continue`):
@@ -179,14 +321,37 @@ class Proxy:
         check_declared_length(request.headers, self.config.server.max_body_bytes)
         return key_id, encoding
 
-    async def _chat(self, request: web.Request, t_in: float, route: list[str]) -> web.StreamResponse:
+    def _parse(
+        self, dialect: Dialect, raw: bytes | bytearray
+    ) -> tuple[Call, str, ChatRequest | None, ResponsesRequest | None]:
+        """The request body -> (the call to race, the model name, the chat / Responses request)."""
+        if dialect is CHAT:
+            req = parse_chat_request(raw, max_messages=self.config.server.max_messages)
+            call = Call(CHAT, req.body, req.stream, req.stream and not req.wants_usage,
+                        req.prompt_tokens_estimate)  # fmt: skip
+            return call, req.model, req, None
+        if dialect is RESPONSES:
+            rr = parse_responses_request(raw)
+            call = Call(RESPONSES, rr.body, rr.stream, False, rr.input_tokens_estimate, rr.pinned)
+            return call, rr.model, None, rr
+        if dialect is EMBEDDINGS:
+            er = parse_embeddings_request(raw)
+            return Call(EMBEDDINGS, er.body, False, False, er.input_tokens_estimate), er.model, None, None
+        cr = parse_completions_request(raw)
+        call = Call(COMPLETIONS, cr.body, cr.stream, cr.stream and not cr.wants_usage,
+                    cr.prompt_tokens_estimate)  # fmt: skip
+        return call, cr.model, None, None
+
+    async def _handle(
+        self, request: web.Request, dialect: Dialect, t_in: float, route: list[str]
+    ) -> web.StreamResponse:
         key_id, encoding = self.precheck(request)
         sc = self.config.server
         # the body is read (bounded in size, time and decoded size) and parsed before the request takes a
         # concurrency slot: a slow upload holds a connection, never a slot
         decoder = BodyDecoder(encoding, sc.max_body_bytes, sc.max_json_items)  # also bounds the JSON shape
         raw = await read_body(request.content, decoder, sc.body_timeout_s)
-        req = parse_chat_request(raw, max_messages=sc.max_messages)
+        call, model, req, rreq = self._parse(dialect, raw)
         del raw
         if self.inflight >= sc.max_concurrency:
             raise ApiError(
@@ -195,29 +360,67 @@ class Proxy:
                 code="overloaded",
                 headers={"Retry-After": "1"},
             )
-        plan = self.catalog.resolve(req.model)
+        plan = self.catalog.resolve(model)
         route[0] = plan.name
         dial = parse_cost_quality(request.headers.get("X-GammaInfra-Cost-Quality"))
         pref = parse_preference(request.headers.get("X-GammaInfra-Preference"), self._known_prefs)
-        task = classify(req) if get_strategy(plan.strategy).classifies else None
-        cands = self._fit(plan, req, dial, task)
+        cands = self._serving(plan, call.api)
+        task = None
+        if req is not None:
+            task = classify(req) if get_strategy(plan.strategy).classifies else None
+            cands = self._fit(plan, req, dial, task, cands)
+        owner_cand: Candidate | None = None
+        if rreq is not None and rreq.previous_response_id is not None:
+            # the parent lives at one provider: go there (never a guess; an unknown id is a 404)
+            owner = owner_or_404(self.affinity, rreq.previous_response_id, "previous_response_id")
+            owner_cand = pin(cands, owner, model)
 
         self.inflight += 1
         self.metrics.inflight_requests.inc()
         if key_id is not None:
             self.metrics.key_requests.labels(key_id).inc()
         try:
-            ordered = self.lane(req.stream).order(plan, self.clock(), pref, cands)
-            return await self._serve(request, req, plan, ordered, dial, t_in, key_id, task)
+            if owner_cand is not None:
+                ordered = Order((owner_cand,))
+            else:
+                ordered = self.lane(call.stream).order(plan, self.clock(), pref, cands)
+                if call.pinned:  # background: one provider, the best one now
+                    ordered = Order(ordered.candidates[:1])
+            return await self._serve(request, call, plan, ordered, dial, t_in, key_id, task)
         finally:
             self.inflight -= 1
             self.metrics.inflight_requests.dec()
 
+    def _serving(self, plan: Plan, api: str) -> tuple[Candidate, ...]:
+        """The plan's candidates that serve this API; a clear error when none does."""
+        cands = self.api_support.candidates(plan.candidates, api)
+        if cands:
+            return cands
+        path = "/v1" + API_PATHS[api]
+        if any(self.api_support.configured(c, api) for c in plan.candidates):
+            raise ApiError(
+                503,
+                f"Every provider of '{plan.name}' answered recently that it has no {path}; retry later.",
+                code="api_unavailable",
+                headers={"Retry-After": str(max(1, round(self.api_support.lacking_ttl_s)))},
+            )
+        if api != "embeddings" and all(model_apis(c.model) == {"embeddings"} for c in plan.candidates):
+            message = f"'{plan.name}' is an embeddings model; it is served on /v1/embeddings only."
+        elif api == "embeddings":
+            message = f"'{plan.name}' is not an embeddings model (or routes to none); {path} needs one."
+        else:
+            message = f"No provider of '{plan.name}' is configured to serve {path}."
+        raise ApiError(400, message, param="model", code="model_not_supported")
+
     def _fit(
-        self, plan: Plan, req: ChatRequest, dial: float | None, task: str | None
+        self,
+        plan: Plan,
+        req: ChatRequest,
+        dial: float | None,
+        task: str | None,
+        cands: tuple[Candidate, ...],
     ) -> tuple[Candidate, ...]:
         """Drop candidates that cannot take this request (max output, context window)."""
-        cands = plan.candidates
         if task is not None:
             cands = choose_chain(task, cands, DEFAULT_EAGERNESS if dial is None else dial)
         est = req.prompt_tokens_lower_bound
@@ -251,7 +454,7 @@ class Proxy:
     async def _serve(
         self,
         request: web.Request,
-        req: ChatRequest,
+        call: Call,
         plan: Plan,
         order: Order,
         dial: float | None,
@@ -261,19 +464,23 @@ class Proxy:
     ) -> web.StreamResponse:
         now = self.clock()
         eagerness = DEFAULT_EAGERNESS if dial is None else dial
-        fb = self.lane(req.stream)
+        fb = self.lane(call.stream)
         cands = list(order.candidates)
-        delays = fb.delay_policy(plan, order, now, eagerness)
         budget = None
-        if delays is not None:
-            budget = fb.request_budget(plan.route, order)
-            # the route's delay at the default dial
-            self.metrics.hedge_delay.labels(plan.name).set(delays.base_delay(0))
-        max_attempts = plan.route.max_attempts
+        if call.pinned:  # one provider holds the state: one attempt, no hedge
+            delays = None
+            max_attempts = 1
+        else:
+            delays = fb.delay_policy(plan, order, now, eagerness)
+            if delays is not None:
+                budget = fb.request_budget(plan.route, order)
+                # the route's delay at the default dial
+                self.metrics.hedge_delay.labels(plan.name).set(delays.base_delay(0))
+            max_attempts = plan.route.max_attempts
         race = Race(len(cands), max_attempts=max_attempts, delays=delays, budget=budget)
 
-        body = req.body
-        if req.stream and not req.wants_usage:
+        body = call.body
+        if call.strip_usage:
             body = dict(body)
             so = dict(body.get("stream_options") or {})
             so["include_usage"] = True  # we need usage for the cost; the usage event is stripped again
@@ -303,14 +510,14 @@ class Proxy:
                                 code="invalid_json",
                             ) from None  # fmt: skip
                         fb.on_launch(c, self.clock())
-                        t = asyncio.ensure_future(self._attempt(c, payload, req.stream))
+                        t = asyncio.ensure_future(self._attempt(c, payload, call))
                         tasks[act.attempt] = t
                         by_task[t] = act.attempt
                         self.tasks.add(t)
                         t.add_done_callback(self.tasks.discard)
                     elif isinstance(act, Cancel):
                         for i in act.attempts:
-                            self._cancel(i, tasks, results, race, cands, act.reason, req)
+                            self._cancel(i, tasks, results, race, cands, act.reason, call)
                     elif isinstance(act, Commit):
                         win_idx = act.attempt
                         winner = results[act.attempt]
@@ -351,8 +558,9 @@ class Proxy:
                         )
                         actions += race.on_first_token(i, now)
                     else:
-                        fb.on_failure(c, r.failure, now, launched_at=att.launched_at)
-                        self._count(c, "rejected" if r.failure.kind is FailureKind.CALLER else "failed")
+                        fb.on_failure(c, _for_health(r.failure), now, launched_at=att.launched_at)
+                        ended = "rejected" if r.failure.kind is FailureKind.CALLER else "failed"
+                        self._count(c, ended, call.api)
                         actions += race.on_failure(i, r.failure, now)
                 actions += race.on_timer(now)
         except asyncio.CancelledError:
@@ -370,14 +578,14 @@ class Proxy:
                 for act in race.on_client_gone(self.clock()):
                     assert isinstance(act, Cancel)  # the only action a client leaving produces
                     for i in act.attempts:
-                        self._cancel(i, tasks, results, race, cands, "abandoned", req)
+                        self._cancel(i, tasks, results, race, cands, "abandoned", call)
                 for t in tasks.values():
                     t.cancel()
         if outcome is not None:
             return outcome
         assert winner is not None
         c = cands[win_idx]
-        self._count(c, "won")
+        self._count(c, "won", call.api)
         self.metrics.client_ttft.labels(plan.name).observe(self.clock() - t_in)
         timing = (
             f"setup;dur={(t_launch0 - t_in) * 1000:.2f}, "
@@ -388,12 +596,16 @@ class Proxy:
         if task is not None:
             headers["X-GammaInfra-Task"] = task
         launched = race.attempts[win_idx].launched_at
-        if req.stream:
-            return await self._pump(request, req, plan, c, winner, headers, key_id, launched)
-        return self._finish_json(req, c, winner, headers, key_id, launched)
+        if call.dialect is RESPONSES:
+            rid = _response_id(winner)
+            if rid is not None:
+                self.affinity.remember(rid, c.provider.name)
+        if call.stream:
+            return await self._pump(request, call, plan, c, winner, headers, key_id, launched)
+        return self._finish_json(call, c, winner, headers, key_id, launched)
 
-    def _count(self, c: Candidate, outcome: str) -> None:
-        self.metrics.attempts.labels(c.provider.name, c.upstream_model, outcome).inc()
+    def _count(self, c: Candidate, outcome: str, api: str) -> None:
+        self.metrics.attempts.labels(c.provider.name, c.upstream_model, outcome, api).inc()
 
     def _cancel(
         self,
@@ -403,13 +615,13 @@ class Proxy:
         race: Race,
         cands: list[Candidate],
         reason: str,
-        req: ChatRequest,
+        call: Call,
     ) -> None:
         """Stop attempt i now: cancel its task (which closes its connection) and learn from it."""
         c = cands[i]
         now = self.clock()
         att = race.attempts[i]
-        fb = self.lane(req.stream)
+        fb = self.lane(call.stream)
         t = tasks.pop(i, None)
         if t is not None:
             if t.done() and not t.cancelled() and i not in results:
@@ -420,17 +632,17 @@ class Proxy:
                 if r0.failure is None:
                     fb.on_first_token(c, r0.first_at - att.launched_at, now, launched_at=att.launched_at)
                 else:
-                    fb.on_failure(c, r0.failure, now, launched_at=att.launched_at)
+                    fb.on_failure(c, _for_health(r0.failure), now, launched_at=att.launched_at)
             t.cancel()
         r = results.get(i)
         if r is not None and r.resp is not None:  # finished with a token in the same instant as the winner
             r.resp.abort()
         if r is None:
             fb.on_cancelled(c, now - att.launched_at, now, lost=reason == "lost", launched_at=att.launched_at)
-        self._count(c, "abandoned" if reason == "abandoned" else "cancelled")
+        self._count(c, "abandoned" if reason == "abandoned" else "cancelled", call.api)
         # A cancelled attempt is billed for its prompt (providers bill input once generation starts);
         # completion tokens before the first token are unknown and counted as zero.
-        wasted = req.prompt_tokens_estimate
+        wasted = call.wasted_tokens
         self.metrics.wasted_tokens.labels(c.model.name, c.provider.name, reason).inc(wasted)
         self.metrics.wasted_cost.labels(c.model.name, c.provider.name, reason).inc(c.cost_usd(wasted, 0))
 
@@ -466,7 +678,7 @@ class Proxy:
 
     # ------------------------------------------------------------------------------ attempts
 
-    async def _attempt(self, c: Candidate, payload: bytes, stream: bool) -> AttemptResult:
+    async def _attempt(self, c: Candidate, payload: bytes, call: Call) -> AttemptResult:
         """Open one upstream call and read it until its first token (or its full body). Never raises
         except CancelledError; always closes its connection unless it hands it over as the winner."""
         t = c.provider.timeouts
@@ -477,14 +689,22 @@ class Proxy:
         try:
             async with asyncio.timeout(t.first_token):
                 resp = await self.upstream.open(
-                    c.provider.chat_url, self._headers[c.provider.name], payload,
+                    self._urls[c.provider.name, call.api], self._headers[c.provider.name], payload,
                     connect_timeout=t.connect, read_timeout=t.idle,
                 )  # fmt: skip
                 if resp.status != 200:
                     err = await resp.read_all(ERROR_BODY_LIMIT)
-                    return AttemptResult(failure=classify_status(resp.status, resp.headers), error_body=err)
-                if stream:
-                    det = FirstTokenDetector()
+                    failure = classify_status(resp.status, resp.headers)
+                    if resp.status in (404, 405):
+                        if self.api_support.observe(c.provider.name, call.api, resp.status, err):
+                            # no such path there: skipped for a while, and this request fails over
+                            failure = Failure(FailureKind.RETRYABLE, LACKS_API, resp.status)
+                        elif call.pinned:
+                            # the owner does not know the parent (expired, deleted): the caller's answer
+                            failure = Failure(FailureKind.CALLER, failure.reason, resp.status)
+                    return AttemptResult(failure=failure, error_body=err)
+                if call.stream:
+                    det = StreamDetector(call.dialect)
                     chunks: list[bytes] = []
                     while True:
                         chunk = await resp.read_chunk()
@@ -496,9 +716,7 @@ class Proxy:
                     handed_over = True
                     return AttemptResult(resp=resp, chunks=chunks, first_at=self.clock())
                 body = await resp.read_all(RESPONSE_LIMIT)
-                parsed = orjson.loads(body)
-                if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
-                    return AttemptResult(failure=Failure(FailureKind.RETRYABLE, "malformed", 200))
+                parsed = parse_json_body(body, call.dialect)  # only a complete, valid body wins
                 resp.release()
                 handed_over = True  # back in the pool: not ours to abort any more
                 return AttemptResult(chunks=[body], parsed=parsed, first_at=self.clock())
@@ -508,8 +726,6 @@ class Proxy:
             return AttemptResult(failure=Failure(FailureKind.RETRYABLE, e.reason))
         except StreamError as e:
             return AttemptResult(failure=Failure(FailureKind.RETRYABLE, e.reason, 200))
-        except orjson.JSONDecodeError:
-            return AttemptResult(failure=Failure(FailureKind.RETRYABLE, "malformed", 200))
         finally:
             gauge.dec()
             if resp is not None and not handed_over:
@@ -517,16 +733,13 @@ class Proxy:
 
     # ------------------------------------------------------------------------------ responses
 
-    def _account(self, c: Candidate, usage: Any, key_id: str | None) -> float | None:
-        if not isinstance(usage, dict):
+    def _account(self, c: Candidate, usage: Usage | None, key_id: str | None) -> float | None:
+        if usage is None:
             return None
-        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if not isinstance(pt, int) or not isinstance(ct, int):
-            return None
-        cost = c.cost_usd(pt, ct)
+        cost = usage.cost_usd(c.model.input_usd_per_mtok, c.model.output_usd_per_mtok)
         m = self.metrics
-        m.tokens.labels(c.model.name, c.provider.name, "prompt").inc(pt)
-        m.tokens.labels(c.model.name, c.provider.name, "completion").inc(ct)
+        m.tokens.labels(c.model.name, c.provider.name, "prompt").inc(usage.input_tokens)
+        m.tokens.labels(c.model.name, c.provider.name, "completion").inc(usage.output_tokens)
         m.cost.labels(c.model.name, c.provider.name).inc(cost)
         if key_id is not None:
             m.key_cost.labels(key_id).inc(cost)
@@ -534,7 +747,7 @@ class Proxy:
 
     def _finish_json(
         self,
-        req: ChatRequest,
+        call: Call,
         c: Candidate,
         r: AttemptResult,
         headers: dict[str, str],
@@ -542,7 +755,7 @@ class Proxy:
         launched: float,
     ) -> web.Response:
         assert r.parsed is not None and r.chunks is not None
-        cost = self._account(c, r.parsed.get("usage"), key_id)
+        cost = self._account(c, call.dialect.usage(r.parsed), key_id)
         headers["X-GammaInfra-Cost-USD"] = cost_header(cost) if cost is not None else "unknown"
         self._completed(self.feedback_json, c, launched)
         return web.Response(body=r.chunks[0], status=200, content_type="application/json", headers=headers)
@@ -550,7 +763,7 @@ class Proxy:
     async def _pump(
         self,
         request: web.Request,
-        req: ChatRequest,
+        call: Call,
         plan: Plan,
         c: Candidate,
         r: AttemptResult,
@@ -565,9 +778,10 @@ class Proxy:
         out = _SSEResponse(status=200, headers=headers)
         out.content_type = "text/event-stream"
         out.headers["Cache-Control"] = "no-cache"
-        strip_usage = not req.wants_usage
-        usage: Any = None
-        saw_done = False
+        strip_usage = call.strip_usage
+        dialect = call.dialect
+        usage: Usage | None = None
+        saw_end = False
         pending = b""  # a partial SSE event, held until its end arrives
         held = b""  # the chunk with [DONE]: it leaves together with the end of the response
         total = c.provider.timeouts.total
@@ -582,7 +796,7 @@ class Proxy:
                         chunk = pending + chunk
                         pending = b""
                     if not chunk.endswith(b"\n\n"):
-                        cut = _event_cut(chunk)
+                        cut = event_cut(chunk)
                         if cut == 0 and len(chunk) < PENDING_LIMIT:
                             pending = chunk
                             chunk = b""
@@ -593,16 +807,18 @@ class Proxy:
                             # the provider echoed our key into its stream: the one edit of its bytes
                             # we make for safety; one `in` per chunk otherwise (see secrets.py)
                             chunk = chunk.replace(key, REDACTED)
-                        if USAGE_MARK in chunk:
-                            chunk, u = _take_usage(chunk, strip_usage)
-                            usage = u if u is not None else usage
-                        if held:  # bytes after [DONE]: unusual, but forward them in order
+                        chunk, u = take_usage(chunk, dialect, strip_usage)  # two `in`s unless it is there
+                        if u is not None:
+                            usage = u
+                        if held:  # bytes after the end: unusual, but forward them in order
                             await out.write(held)
                             held = b""
-                        if DONE_MARK in chunk:
-                            saw_done = True
+                        at = end_at(chunk, dialect)
+                        if at is not None:
+                            saw_end = True
                             cost = self._account(c, usage, key_id)
-                            held = _insert_cost(chunk, cost)
+                            value = cost_header(cost) if cost is not None else "unknown"
+                            held = insert_cost(chunk, at, value)
                             usage = None
                         else:
                             await out.write(chunk)
@@ -610,11 +826,12 @@ class Proxy:
                     if not chunk:
                         break
             last = held + pending
-            if not saw_done:
+            if not saw_end:
                 self._account(c, usage, key_id)
                 # `pending` is an event cut off by the end of the body: dropped, as an SSE client drops an
                 # unterminated event, so the error event stays a parseable event of its own
-                last = sse_error_event("The upstream stream ended before [DONE].", code="stream_truncated")
+                what = "its terminal event" if dialect is RESPONSES else "[DONE]"
+                last = sse_error_event(f"The upstream stream ended before {what}.", code="stream_truncated")
             else:
                 completed = True
                 up.release()
@@ -706,33 +923,29 @@ class _SSEResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def _event_cut(chunk: bytes) -> int:
-    """Index just past the last complete SSE event in `chunk` (0 if none)."""
-    i = chunk.rfind(b"\n\n")
-    j = chunk.rfind(b"\r\n\r\n")
-    return max(i + 2 if i >= 0 else 0, j + 4 if j >= 0 else 0)
+def _for_health(f: Failure) -> Failure:
+    """What the feedback hears of a failure: a provider without the path is not unhealthy (its breaker
+    must not open for chat because it has no /v1/responses), so that counts like a caller's error."""
+    return Failure(FailureKind.CALLER, f.reason, f.status) if f.reason == LACKS_API else f
 
 
-def _take_usage(chunk: bytes, strip: bool) -> tuple[bytes, Any]:
-    """Find the usage event in a chunk of whole events; parse it; optionally cut it out."""
-    idx = chunk.find(USAGE_MARK)
-    start = chunk.rfind(b"data:", 0, idx)
-    end = chunk.find(b"\n\n", idx)
-    if start < 0 or end < 0:
-        return chunk, None
-    end += 2
-    try:
-        event = orjson.loads(chunk[start + 5 : end])
-    except orjson.JSONDecodeError:
-        return chunk, None
-    usage = event.get("usage") if isinstance(event, dict) else None
-    if strip and isinstance(event, dict) and not event.get("choices"):
-        chunk = chunk[:start] + chunk[end:]
-    return chunk, usage
-
-
-def _insert_cost(chunk: bytes, cost: float | None) -> bytes:
-    """Put `: X-GammaInfra-Cost-USD: <usd>` (an SSE comment, ignored by SSE clients) before [DONE]."""
-    value = cost_header(cost) if cost is not None else "unknown"
-    i = chunk.find(DONE_MARK)
-    return chunk[:i] + b": X-GammaInfra-Cost-USD: " + value.encode() + b"\n\n" + chunk[i:]
+def _response_id(r: AttemptResult) -> str | None:
+    """The id of the response a Responses winner created: its JSON body's `id`, or for a stream the
+    `response.id` of its first event that has one (`response.created`, sent before any token, so it is
+    in the chunks read before the commit)."""
+    if r.parsed is not None:
+        rid = r.parsed.get("id")
+        return rid if isinstance(rid, str) else None
+    if not r.chunks:
+        return None
+    for _start, _end, payload in split_events(b"".join(r.chunks)):
+        if payload is None or b'"response"' not in payload:
+            continue
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        resp = event.get("response") if isinstance(event, dict) else None
+        if isinstance(resp, dict) and isinstance(resp.get("id"), str):
+            return str(resp["id"])
+    return None

@@ -16,7 +16,9 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from .apisupport import model_apis
 from .catalog import Catalog
+from .config import ServerConfig
 from .conn_limits import ConnectionGate, HeadClock, Phase, connection_cap, raise_nofile_limit
 from .errors import ApiError, NoCandidates
 from .feedback import blended_price
@@ -26,7 +28,8 @@ from .proxy import Proxy
 log = logging.getLogger("hedge.server")
 
 PROXY_KEY: web.AppKey[Proxy] = web.AppKey("proxy", Proxy)
-# the tasks serving /v1/chat/completions right now: what a graceful shutdown waits for, then cancels
+# the tasks serving a racing POST (chat, responses, embeddings, completions): what a graceful shutdown
+# waits for, then cancels
 STREAMS_KEY: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams", set)
 GUARD_KEY: web.AppKey[ConnGuard] = web.AppKey("guard")
 
@@ -96,7 +99,7 @@ def cors_middleware(allowed: tuple[str, ...]) -> Any:
             return web.Response(
                 status=204,
                 headers={
-                    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
                     "Access-Control-Allow-Headers": req_headers[:2000] or "Authorization, Content-Type",
                     "Access-Control-Max-Age": "600",
                 },
@@ -140,7 +143,10 @@ def models_body(catalog: Catalog) -> bytes:
             }
         )
     for name, r in catalog.config.routes.items():
-        cands = catalog.expand(r.candidates)
+        every = catalog.expand(r.candidates)
+        # prices and limits describe what the route generates with: its chat-kind models when it has
+        # any (an embeddings model in the route serves only /v1/embeddings; it is in "candidates")
+        cands = tuple(c for c in every if "embeddings" not in model_apis(c.model)) or every
         data.append(
             {
                 "id": name,
@@ -149,7 +155,7 @@ def models_body(catalog: Catalog) -> bytes:
                 "owned_by": "gammainfra",
                 "type": "route",
                 "strategy": r.strategy,
-                "candidates": [c.endpoint for c in cands],
+                "candidates": [c.endpoint for c in every],
                 "pricing": {
                     "input_usd_per_mtok": [min(c.model.input_usd_per_mtok for c in cands),
                                            max(c.model.input_usd_per_mtok for c in cands)],
@@ -197,14 +203,19 @@ def build_app(proxy: Proxy) -> web.Application:
     streams: set[asyncio.Task[Any]] = set()
     app[STREAMS_KEY] = streams
 
-    async def chat_completions(request: web.Request) -> web.StreamResponse:
-        task = asyncio.current_task()  # aiohttp runs each request in a task of its own
-        assert task is not None
-        streams.add(task)
-        try:
-            return await proxy.chat_completions(request)
-        finally:
-            streams.discard(task)
+    def tracked(handler: Any) -> Any:
+        """A POST that races: its task is in `streams`, so a graceful shutdown waits for it."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            task = asyncio.current_task()  # aiohttp runs each request in a task of its own
+            assert task is not None
+            streams.add(task)
+            try:
+                return cast(web.StreamResponse, await handler(request))
+            finally:
+                streams.discard(task)
+
+        return handle
 
     async def expect_continue(request: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`: say "send the body" only to a caller that may send it (key, media
@@ -223,13 +234,26 @@ def build_app(proxy: Proxy) -> web.Application:
             request.writer.output_size = 0  # as aiohttp's own handler: the real answer is still to come
         return None
 
-    app.router.add_post("/v1/chat/completions", chat_completions, expect_handler=expect_continue)
+    # every racing API takes the same path: head checks (also before `100 Continue`), the bounded body,
+    # then the slot (Proxy._handle)
+    for path, handler in (
+        ("/v1/chat/completions", proxy.chat_completions),
+        ("/v1/responses", proxy.responses),
+        ("/v1/embeddings", proxy.embeddings),
+        ("/v1/completions", proxy.completions),
+    ):
+        app.router.add_post(path, tracked(handler), expect_handler=expect_continue)
+    # a stored response's state lives at its provider: passed there (Proxy.response_state)
+    app.router.add_get("/v1/responses/{id}", proxy.response_state)
+    app.router.add_delete("/v1/responses/{id}", proxy.response_state)
+    app.router.add_post("/v1/responses/{id}/{rest:cancel}", proxy.response_state)
+    app.router.add_get("/v1/responses/{id}/{rest:input_items}", proxy.response_state)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
 
     async def close_upstream(app: web.Application) -> None:
-        await proxy.upstream.close()
+        await proxy.close()
 
     app.on_cleanup.append(close_upstream)
     return app
@@ -406,7 +430,8 @@ async def start_site(
     The connection limit and the idle/head timeouts come from the proxy's `[server]` config; the
     connection limit is kept under half the fd limit, which is raised first where the OS allows."""
     kwargs: dict[str, Any] = {} if access_log else {"access_log": None}
-    sc = app[PROXY_KEY].config.server
+    # an app without a proxy (a test's scripted provider) gets the default limits
+    sc = app[PROXY_KEY].config.server if PROXY_KEY in app else ServerConfig()
     guard = ConnGuard(
         ConnectionGate(connection_cap(sc.max_connections, raise_nofile_limit())),
         idle_timeout=sc.keepalive_timeout_s,

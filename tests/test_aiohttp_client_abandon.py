@@ -89,5 +89,5 @@ async def test_abandoned_races_close_every_attempt() -> None:
                     assert await eventually(lambda: not px.proxy.tasks and px.proxy.inflight == 0)
                 tasks, fds = await back_to_baseline(tasks0, fds0)
                 assert tasks <= tasks0 and fds <= fds0, (tasks0, tasks, fds0, fds)
-            abandoned = px.proxy.metrics.attempts.labels("a", "up-a", "abandoned")._value.get()
+            abandoned = px.proxy.metrics.attempts.labels("a", "up-a", "abandoned", "chat")._value.get()
     assert abandoned == ROUNDS

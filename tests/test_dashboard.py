@@ -209,6 +209,12 @@ async def _generate_load(http: aiohttp.ClientSession, url: str) -> dict[str, int
             await (read_stream(r) if stream else r.read())
             note(str(r.status))
 
+    async def other_api(path: str, body: dict[str, Any]) -> None:
+        """The per-API panels: a Responses stream, a legacy completions stream, an embeddings race."""
+        async with http.post(url.replace("/chat/completions", path), json=body, headers=auth) as r:
+            await read_stream(r)
+            note(str(r.status))
+
     async def cancelled(model: str) -> None:
         try:
             async with http.post(
@@ -230,6 +236,9 @@ async def _generate_load(http: aiohttp.ClientSession, url: str) -> dict[str, int
             call("m/slow"),
             call("m/flaky"),
             cancelled("m/slow"),
+            other_api("/responses", {"model": "gammainfra/fast", "input": "hi", "stream": True}),
+            other_api("/completions", {"model": "gammainfra/fast", "prompt": "hi", "stream": True}),
+            other_api("/embeddings", {"model": "m/emb", "input": "hi"}),
         )
         await asyncio.sleep(0.05)
     return codes
@@ -253,6 +262,10 @@ async def test_every_panel_query_returns_data(tmp_path: Path, http: aiohttp.Clie
             fast={"quantile": 0.5, "default_delay_ms": 40, "hedge_budget": 0.1, "hedge_burst": 2},
             feedback={"failure_threshold": 3, "base_backoff_s": 1.0, "max_backoff_s": 1.0},
         )
+        raw["models"]["m/emb"] = {  # for the embeddings panel
+            "input_usd_per_mtok": 0.02, "tags": ["embeddings"],
+            "serve": [{"provider": "fast", "model": "emb"}, {"provider": "slow", "model": "emb"}],
+        }  # fmt: skip
         async with run_proxy(raw, api_keys=(API_KEY,)) as px:
             prom_port = _free_port()
             base = f"http://127.0.0.1:{prom_port}"

@@ -100,7 +100,10 @@ async def test_breaker_opens_probes_and_closes_through_the_proxy(http: aiohttp.C
             assert a.requests_total == THRESHOLD + 5
             m = await scrape(http, px)
     # the outcomes the providers' requests had, as the proxy counted them
-    attempts = {(lab["provider"], lab["outcome"]): v for lab, v in m.series("hedge_attempts_total")}
+    attempts: dict[tuple[str, str], float] = {}
+    for lab, v in m.series("hedge_attempts_total"):  # summed over the api label
+        key = (lab["provider"], lab["outcome"])
+        attempts[key] = attempts.get(key, 0.0) + v
     assert attempts[("a", "failed")] == THRESHOLD + 1  # two to open it, one failed probe
     assert attempts[("a", "won")] == 4  # the good probe and three requests after it
     assert m("hedge_hedges_total", route="gammainfra/fast", reason="error") == THRESHOLD + 1

@@ -110,7 +110,7 @@ async def disconnect_when(
     req.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await req
-    m = px.proxy.metrics.requests.labels(ROUTE, "499")
+    m = px.proxy.metrics.requests.labels(ROUTE, "499", "chat")
     assert await eventually(lambda: m._value.get() == n, timeout=5.0)
     assert await eventually(lambda: all(r.ended for p in ps.values() for r in p.records), timeout=5.0)
 
@@ -167,7 +167,10 @@ async def test_metrics_agree_with_a_scripted_run(http: aiohttp.ClientSession) ->
     # requests by route and code
     assert {lab["code"]: v for lab, v in m.series("hedge_requests_total")} == {"200": 6, "400": 1, "499": 2}
     # attempts by outcome: one outcome per upstream request the providers saw
-    attempts = {(lab["provider"], lab["outcome"]): v for lab, v in m.series("hedge_attempts_total")}
+    attempts: dict[tuple[str, str], float] = {}
+    for lab, v in m.series("hedge_attempts_total"):  # summed over the api label
+        key = (lab["provider"], lab["outcome"])
+        attempts[key] = attempts.get(key, 0.0) + v
     assert attempts == {
         ("a", "won"): 4, ("a", "cancelled"): 1, ("a", "failed"): 1, ("a", "rejected"): 1,
         ("a", "abandoned"): 2, ("b", "won"): 2, ("b", "abandoned"): 1,
@@ -238,7 +241,7 @@ async def test_cooling_down_is_counted_and_shown(http: aiohttp.ClientSession) ->
             m = await scrape(http, px)
     assert ps["a"].requests_total == 2
     assert {lab["code"]: v for lab, v in m.series("hedge_requests_total")} == {"502": 2, "503": 1}
-    assert m("hedge_attempts_total", provider="a", model="up-a", outcome="failed") == 2
+    assert m("hedge_attempts_total", provider="a", model="up-a", outcome="failed", api="chat") == 2
     assert m("hedge_circuit_state", provider="a", model="up-a") == 2
     assert m("hedge_client_ttft_seconds_count", route="m/a") == 0
 

@@ -308,9 +308,9 @@ async def test_requests_refused_before_routing_are_counted(http: aiohttp.ClientS
                     assert r.status == status
             async with http.get(px.url + "/metrics") as r:
                 text = await r.text()
-    assert 'hedge_requests_total{code="401",route="-"} 1.0' in text
-    assert 'hedge_requests_total{code="404",route="-"} 1.0' in text
-    assert 'hedge_requests_total{code="400",route="-"} 1.0' in text
-    assert 'hedge_requests_total{code="400",route="m/a"} 1.0' in text
-    assert 'hedge_requests_total{code="200",route="m/a"} 1.0' in text
+    assert 'hedge_requests_total{api="chat",code="401",route="-"} 1.0' in text
+    assert 'hedge_requests_total{api="chat",code="404",route="-"} 1.0' in text
+    assert 'hedge_requests_total{api="chat",code="400",route="-"} 1.0' in text
+    assert 'hedge_requests_total{api="chat",code="400",route="m/a"} 1.0' in text
+    assert 'hedge_requests_total{api="chat",code="200",route="m/a"} 1.0' in text
     assert "made/up" not in text  # a caller's made-up model name never becomes a label

@@ -23,5 +23,5 @@ def test_refusal_hedge_and_failure_series_start_at_zero() -> None:
         for reason in ("delay", "explore"):
             assert f'hedge_hedges_total{{reason="{reason}",route="{name}"}} 0.0' in text
     for c in Catalog(cfg).all_candidates():
-        labels = f'model="{c.upstream_model}",outcome="failed",provider="{c.provider.name}"'
+        labels = f'api="chat",model="{c.upstream_model}",outcome="failed",provider="{c.provider.name}"'
         assert f"hedge_attempts_total{{{labels}}} 0.0" in text
