@@ -66,7 +66,8 @@ def test_blank_host_is_the_loopback_default_never_every_address() -> None:
     [
         (
             {"x": 1},
-            "config.x: unknown key (allowed: feedback, models, providers, routes, server, shared, timeouts)",
+            "config.x: unknown key (allowed: apis, feedback, models, providers, routes, server, shared, "
+            "timeouts)",
         ),
         ({"server": {"port": "e"}}, "server.port: expected an integer, got 'e'"),
         ({"server": {"port": 70000}}, "server.port: 70000 is out of range [0, 65535]"),
@@ -86,7 +87,7 @@ def test_blank_host_is_the_loopback_default_never_every_address() -> None:
         ),
         (
             {"providers": {"a": {"base_url": "http://x", "name": "b"}}},
-            "providers.a.name: unknown key (allowed: api_key_env, base_url, timeouts)",
+            "providers.a.name: unknown key (allowed: api_key_env, apis, base_url, timeouts)",
         ),
         ({"providers": {"a": {}}}, "providers.a.base_url: expected an http:// or https:// URL, got None"),
         ({"models": {"m": {"serve": [{"provider": "a"}], "tags": [1]}}}, 'models."m".tags: expected a list'),
