@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install node (Debian's `nodejs` and `npm` packages) and the Node clients tests/test_node_sdks.py runs:
+# Install node (Debian's `nodejs` and `npm` packages) and the Node clients tests/integration/test_node_sdks.py runs:
 # the OpenAI Node SDK and the Vercel AI SDK, at the versions tests/node/package-lock.json pins.
 # Idempotent: apt-get runs only when `node` or `npm` is missing.
 set -euo pipefail

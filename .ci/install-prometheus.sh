@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install a real Prometheus for tests/test_dashboard.py: Debian's `prometheus` package, nothing downloaded
+# Install a real Prometheus for tests/system/test_dashboard.py: Debian's `prometheus` package, nothing downloaded
 # by hand. Idempotent: does nothing when a `prometheus` binary is already on PATH.
 #
 # The test starts its own Prometheus (temporary config, storage and port), so the Debian service must not

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install a real Redis for the shared-state tests (tests/test_shared_redis.py): Debian's `redis-server`
+# Install a real Redis for the shared-state tests (tests/integration/test_shared_redis.py): Debian's `redis-server`
 # package, nothing downloaded by hand. Idempotent: does nothing when `redis-server` is already on PATH.
 #
 # The tests start their own redis-server (loopback port, temporary directory, no persistence), so the

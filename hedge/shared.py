@@ -36,7 +36,7 @@ should agree to well under a half-life (NTP does: milliseconds against seconds).
 
 Censored samples are merged as each instance placed them (their weight is exact; where the weight went
 followed the shape that instance saw, which includes the peers' contribution). The property test
-(tests/test_shared.py) shows the exactness for exact samples and outcomes: merging any split of a sample
+(tests/unit/test_shared.py) shows the exactness for exact samples and outcomes: merging any split of a sample
 stream gives the statistics of the whole stream.
 """
 

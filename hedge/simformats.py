@@ -3,7 +3,7 @@ completions chunks, embeddings, and the short sentences its answers are made of.
 
 Kept apart from `simprovider` (the HTTP and timing side) so each format can be read against OpenAI's
 reference on its own. Shapes follow openai-python's types, so the official SDK parses them
-(`tests/test_simprovider_apis.py` proves it with the SDK as the client).
+(`tests/integration/test_simprovider_apis.py` proves it with the SDK as the client).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ The attacks (numbers as in the issue):
 4. `bad-compression`: requests with `Content-Encoding: gzip` on a plain body (with and without a key), and
    an unknown coding.
 
-The same functions run, scaled down, in tests/test_abuse.py, which asserts the bounds.
+The same functions run, scaled down, in tests/system/test_abuse.py, which asserts the bounds.
 """
 
 from __future__ import annotations
