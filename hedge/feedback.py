@@ -10,7 +10,12 @@ decisions a request needs, all taken with an explicit `now` so fake-clock tests 
      the probe slot and puts it first, because attempt 1 is the only one certain to launch; only one
      half-open candidate per request is kept, the others are left out of that request. Concurrent
      requests do not see the slot, so exactly one request probes; a cancelled probe is reported with
-     `on_cancelled(lost=...)` (outrun by the hedge = failed probe, otherwise the slot is freed).
+     `on_cancelled(lost=...)` (outrun by the hedge = failed probe, otherwise the slot is freed). The
+     probe's caller gets its first hedge free of the budget (`Order.probe`, `request_budget`): the
+     probed provider may have come back slow (a restart), the budget is often drained just then, and
+     a refused hedge made that caller wait out the slow provider (the load test's `slowdown`: the
+     worst requests after the change). Probes come at most one per backoff (>= `base_backoff_s`), so
+     this adds at most one attempt per second per provider.
   2. *healthy*: breaker closed and a recent error rate (trusted from `min_samples` decayed outcomes)
      below `UNHEALTHY_ERROR_RATE`;
   3. *erroring*: the rest, still tried, last.
@@ -109,6 +114,7 @@ class Order:
 
     candidates: tuple[Candidate, ...]
     explore: Candidate | None = None
+    probe: bool = False  # candidates[0] is a half-open breaker's probe (its hedge is free)
 
     def __iter__(self) -> Iterator[Candidate]:
         return iter(self.candidates)
@@ -340,7 +346,7 @@ class Feedback:
             out.append(c)
         if explore is not None and (len(out) < 2 or out[1] is not explore):
             explore = None  # unreachable in practice (the leader is never the one left out)
-        return Order(tuple(out), explore)
+        return Order(tuple(out), explore, probe=bool(out) and out[0].key in probing)
 
     def _explore(
         self, route: RouteConfig, ordered: list[Candidate], views: dict[str, View], now: float
@@ -418,7 +424,9 @@ class Feedback:
         hedges, explores = self._buckets(route)
         hedges.on_request()
         explores.on_request()
-        return RequestBudget(hedges, prepaid=int(order is not None and order.explore is not None))
+        if order is None:
+            return RequestBudget(hedges)
+        return RequestBudget(hedges, prepaid=int(order.explore is not None or order.probe))
 
     # ---------------------------------------------------------------------------------- events
 

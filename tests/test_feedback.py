@@ -549,7 +549,18 @@ def test_probe_is_taken_once_and_goes_first() -> None:
     fb.on_cancelled(a, 0.01, 2.02, lost=False)  # the client left: no verdict, slot free again
     assert [c.provider.name for c in fb.order(plan, 2.03, ("b",))] == ["b"]
     assert fb.breaker(a).available(2.03)  # not taken by that request
-    assert [c.provider.name for c in fb.order(plan, 2.04)] == ["a", "b"]
+    probe = fb.order(plan, 2.04)
+    assert [c.provider.name for c in probe] == ["a", "b"] and probe.probe
+    # the probe's caller is hedged even from an empty bucket: probes come at most one per backoff
+    bucket = fb.budget(plan.route)
+    probe_budget, other = (
+        fb.request_budget(plan.route, probe),
+        fb.request_budget(plan.route, fb.order(plan, 2.05)),
+    )
+    while bucket.try_spend():
+        pass
+    assert probe_budget.try_spend()
+    assert not other.try_spend() and not probe_budget.try_spend()  # the others, and a second hedge, pay
     # the probe lost the race to the hedge: a failed probe, re-opened with the backoff doubled
     fb.on_cancelled(a, 0.6, 2.6, lost=True)
     assert fb.breaker(a).state(2.6) is BreakerState.OPEN
