@@ -455,7 +455,13 @@ class Feedback:
         if failure.kind is FailureKind.CALLER:
             return  # the request was bad, the provider was fine
         self.stats(c).record_failure(now)
-        self.breaker(c).on_failure(now, failure.retry_after, launched_at=launched_at)
+        breaker = self.breaker(c)
+        was_closed = breaker.state(now) is BreakerState.CLOSED
+        breaker.on_failure(now, failure.retry_after, launched_at=launched_at)
+        if was_closed and breaker.state(now) is not BreakerState.CLOSED:
+            # it went down (a restart, an overload): what it answered before says little about what
+            # comes back, and old fast answers would let it lead again the moment its probe succeeds
+            self.evidence(c).forget()
 
     def on_cancelled(
         self,

@@ -250,6 +250,13 @@ class Evidence:
         self._remote_exact = exact[-1] if exact else None
         self._window()
 
+    def forget(self) -> None:
+        """Drop this instance's ended attempts (its breaker opened: they predate the outage). What is
+        in flight stays, and so do the peers' (shared state), which are newer or their own news."""
+        self._local.clear()
+        self._local_exact = None
+        self._window()
+
     def _take(self, launched_at: float) -> None:
         p = self._pending
         if not p:

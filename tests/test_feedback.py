@@ -571,6 +571,28 @@ def test_probe_is_taken_once_and_goes_first() -> None:
     assert fb.breaker(b).consecutive_failures == 0
 
 
+def test_a_provider_back_from_an_outage_does_not_lead_on_its_old_answers() -> None:
+    """The breaker opening drops its kept answers (they predate the outage): when its probe succeeds
+    slowly (a restart that came back 10x slower), its pre-outage 50 ms answers do not make it lead."""
+    sim = Sim({}, lambda p, t: Answer(0.1))
+    fb, plan, a, b = sim.fb, sim.plan, sim.cand("a"), sim.cand("b")
+    for k in range(10):
+        fb.on_launch(a, k * 0.01)
+        fb.on_first_token(a, 0.05, k * 0.01 + 0.05)
+        fb.on_launch(b, k * 0.01)
+        fb.on_first_token(b, 0.08, k * 0.01 + 0.08)
+    assert fb.order(plan, 0.5)[0] is a
+    for _ in range(fb.cfg.failure_threshold):
+        fb.on_failure(a, CONNECT, 1.0)
+    assert fb.evidence(a).estimate(1.0).ttft is None  # forgotten
+    probe = fb.order(plan, 2.0)
+    assert probe.probe and probe[0] is a
+    fb.on_launch(a, 2.0)
+    fb.on_first_token(a, 0.5, 2.5, launched_at=2.0)  # the probe succeeds, slowly: closed again
+    assert fb.breaker(a).state(2.5) is BreakerState.CLOSED
+    assert fb.order(plan, 2.5)[0] is b
+
+
 def test_a_straggler_is_not_taken_for_the_probe() -> None:
     # attempts launched before the breaker opened are still in flight when the probe goes out; their
     # failures must not be read as the probe's verdict (that would double the backoff and free the slot
