@@ -246,6 +246,25 @@ def test_a_stale_refresh_keeps_an_exploration_token_for_news() -> None:
     assert o[0] is a and o.explore is b and explore.tokens < 1.0  # promising: the kept token pays
 
 
+def test_waiting_attempts_count_from_the_kept_answers_cohort() -> None:
+    """Attempts still waiting from before the earliest kept answer was launched (another route's
+    unhedged stalls at a high rate) do not demote a provider whose recent answers are fast; attempts
+    launched since do (a slowdown)."""
+    ev = Evidence()
+    for k in range(10):
+        ev.launched(k * 0.01)  # launched 0-90 ms: stalled, still waiting
+    for k in range(EVIDENCE_N):
+        t = 1.0 + k * 0.01
+        ev.launched(t)
+        ev.answered(0.05, t + 0.05, launched_at=t)
+    e = ev.estimate(1.2)
+    assert e.ttft == pytest.approx(0.05) and not e.lower_bound and e.pending == 10
+    for k in range(10):
+        ev.launched(1.2 + k * 0.01)  # launched after the kept answers: they count
+    slow = ev.estimate(1.5)
+    assert slow.lower_bound and slow.ttft is not None and slow.ttft > 0.2
+
+
 def test_a_decayed_candidate_is_not_news_for_the_hedge_bucket() -> None:
     """A candidate that answered before but whose long window decayed below `min_samples` is unknown
     to the order, yet re-measuring it is routine: it may not drain the hedge bucket (stalls need it);
