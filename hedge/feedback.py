@@ -10,7 +10,12 @@ decisions a request needs, all taken with an explicit `now` so fake-clock tests 
      the probe slot and puts it first, because attempt 1 is the only one certain to launch; only one
      half-open candidate per request is kept, the others are left out of that request. Concurrent
      requests do not see the slot, so exactly one request probes; a cancelled probe is reported with
-     `on_cancelled(lost=...)` (outrun by the hedge = failed probe, otherwise the slot is freed).
+     `on_cancelled(lost=...)` (outrun by the hedge = failed probe, otherwise the slot is freed). The
+     probe's caller gets its first hedge free of the budget (`Order.probe`, `request_budget`): the
+     probed provider may have come back slow (a restart), the budget is often drained just then, and
+     a refused hedge made that caller wait out the slow provider (the load test's `slowdown`: the
+     worst requests after the change). Probes come at most one per backoff (>= `base_backoff_s`), so
+     this adds at most one attempt per second per provider.
   2. *healthy*: breaker closed and a recent error rate (trusted from `min_samples` decayed outcomes)
      below `UNHEALTHY_ERROR_RATE`;
   3. *erroring*: the rest, still tried, last.
@@ -29,10 +34,11 @@ decisions a request needs, all taken with an explicit `now` so fake-clock tests 
   *beside* the leader from the start (delay 0), so the caller gets the faster of the two and exploring
   never costs latency. It is paid from the route's exploration bucket (an eighth of `hedge_budget`),
   so delay hedges cannot starve it; a stale refresh only from a full bucket, so routine refreshes
-  cannot starve the news either; unknown and promising ones may also use the hedge bucket while
-  that is at least half full. Requests with X-GammaInfra-Preference never explore.
+  cannot starve the news either; news (promising, or never answered) may also use the hedge bucket
+  while that is at least half full. Requests with X-GammaInfra-Preference never explore.
 - **delay** (`AdaptiveDelay`): the `policy.hedge_quantile` of the running candidate's TTFT histogram,
-  capped at `TAIL_FACTOR` x its current median, clamped, times the dial factor; **budget**
+  capped at `TAIL_FACTOR` x its current median, moved down to the knee of the tail (`policy.knee`),
+  clamped, times the dial factor; **budget**
   (`request_budget`): whether a delay hedge may be spent.
 """
 
@@ -47,7 +53,16 @@ from .catalog import Candidate, Plan
 from .config import FeedbackConfig, RouteConfig
 from .errors import NoCandidates
 from .health import BreakerState, CircuitBreaker
-from .policy import Estimate, Evidence, RequestBudget, hedge_quantile, latency_bucket, split_budget
+from .policy import (
+    Estimate,
+    Evidence,
+    RequestBudget,
+    hedge_quantile,
+    hedge_share,
+    knee,
+    latency_bucket,
+    split_budget,
+)
 from .race import Failure, FailureKind
 from .stats import CandidateStats
 from .strategy import ERRORING, HEALTHY, PROBE, View, blended_price
@@ -99,6 +114,7 @@ class Order:
 
     candidates: tuple[Candidate, ...]
     explore: Candidate | None = None
+    probe: bool = False  # candidates[0] is a half-open breaker's probe (its hedge is free)
 
     def __iter__(self) -> Iterator[Candidate]:
         return iter(self.candidates)
@@ -125,7 +141,19 @@ class AdaptiveDelay:
     the order is the free remedy, hedges are the paid one, and the budget caps what they cost meanwhile.
     """
 
-    __slots__ = ("_cands", "_fb", "_hi", "_lo", "_memo", "_mult", "_now", "_q", "_zero_first", "default")
+    __slots__ = (
+        "_afford",
+        "_cands",
+        "_fb",
+        "_hi",
+        "_lo",
+        "_memo",
+        "_mult",
+        "_now",
+        "_q",
+        "_zero_first",
+        "default",
+    )
 
     def __init__(
         self,
@@ -141,6 +169,7 @@ class AdaptiveDelay:
         self._zero_first = zero_first
         self._cands = candidates
         self._q = hedge_quantile(route)
+        self._afford = hedge_share(route)
         self._lo = route.min_delay_ms / 1000
         self._hi = route.max_delay_ms / 1000
         self.default = route.default_delay_ms / 1000
@@ -161,8 +190,8 @@ class AdaptiveDelay:
             return self.default
         now, e = self._fb.ttft(c, self._now)
         if now is not None and not e.lower_bound and now * TAIL_FACTOR < est:
-            return now * TAIL_FACTOR
-        return est
+            est = now * TAIL_FACTOR
+        return knee(self._fb.stats(c).ttft, est, self._afford, self._now)
 
     def delay(self, candidate: int) -> float | None:
         """Seconds to wait for `candidate`'s first token before launching the next one."""
@@ -313,7 +342,7 @@ class Feedback:
             out.append(c)
         if explore is not None and (len(out) < 2 or out[1] is not explore):
             explore = None  # unreachable in practice (the leader is never the one left out)
-        return Order(tuple(out), explore)
+        return Order(tuple(out), explore, probe=bool(out) and out[0].key in probing)
 
     def _explore(
         self, route: RouteConfig, ordered: list[Candidate], views: dict[str, View], now: float
@@ -326,8 +355,10 @@ class Feedback:
         `EXPLORE_EVERY` half-lives; in that order. None while the leader itself is unknown (cold start:
         it is being measured as it serves). Paid from the exploration bucket, a stale one only when
         that is full (one token is kept for the news a change brings: at 10 req/s the next one is 8 s
-        away); unknown and promising ones, when that is empty, from the hedge bucket while it is at
-        least half full (a stale one can wait: what stalls need is not spent on routine refreshes).
+        away); news (promising, or unknown and never answered), when that is empty, from the hedge
+        bucket while it is at least half full. An unknown candidate that did answer before (its long
+        window decayed: a third provider rarely launched) is not news and, like a stale one, can wait:
+        what stalls need is not spent on routine refreshes (it was ~2 % of requests in steady state).
         """
         lead = views[ordered[0].key]
         if lead.ttft is None:
@@ -364,8 +395,9 @@ class Feedback:
         if explores.tokens >= (1.0 if best[0] < 2 else explores.burst):
             explores.try_spend()  # a routine (stale) refresh only from a full bucket: one is kept for news
             return pick
-        if best[0] < 2 and hedges.tokens >= hedges.burst / 2 and hedges.tokens >= 1.0:
-            hedges.try_spend()  # unknown or promising, and the hedge bucket has room: do not wait
+        news = best[0] == 1 or (best[0] == 0 and self.evidence(pick).last_exact_at is None)
+        if news and hedges.tokens >= hedges.burst / 2 and hedges.tokens >= 1.0:
+            hedges.try_spend()  # news, and the hedge bucket has room: do not wait
             return pick
         return None
 
@@ -388,7 +420,9 @@ class Feedback:
         hedges, explores = self._buckets(route)
         hedges.on_request()
         explores.on_request()
-        return RequestBudget(hedges, prepaid=int(order is not None and order.explore is not None))
+        if order is None:
+            return RequestBudget(hedges)
+        return RequestBudget(hedges, prepaid=int(order.explore is not None or order.probe))
 
     # ---------------------------------------------------------------------------------- events
 
@@ -417,7 +451,13 @@ class Feedback:
         if failure.kind is FailureKind.CALLER:
             return  # the request was bad, the provider was fine
         self.stats(c).record_failure(now)
-        self.breaker(c).on_failure(now, failure.retry_after, launched_at=launched_at)
+        breaker = self.breaker(c)
+        was_closed = breaker.state(now) is BreakerState.CLOSED
+        breaker.on_failure(now, failure.retry_after, launched_at=launched_at)
+        if was_closed and breaker.state(now) is not BreakerState.CLOSED:
+            # it went down (a restart, an overload): what it answered before says little about what
+            # comes back, and old fast answers would let it lead again the moment its probe succeeds
+            self.evidence(c).forget()
 
     def on_cancelled(
         self,

@@ -612,9 +612,10 @@ class Target:
         return self.value <= self.limit
 
 
-def steady_target(run: Run) -> Target:
-    """Steady tails: p99 <= 1.1x the best fixed stagger at equal or lower extra load."""
-    r = row(run)
+def steady_target(run: Run, r: Row | None = None) -> Target:
+    """Steady tails: p99 <= 1.1x the best fixed stagger at equal or lower extra load (`r`: the run's
+    `row`, when already computed)."""
+    r = row(run) if r is None else r
     return Target(
         "steady p99 / best fixed stagger", r.p99 / r.stagger_p99, 1.1,
         f"p99 {r.p99 * 1000:.0f} ms at extra {r.extra:.3f}; stagger {r.stagger_d * 1000:.0f} ms: "

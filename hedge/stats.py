@@ -328,6 +328,26 @@ class DecayingHistogram:
             return 0.0
         return self._total * exp(-(now - self._t0) * self._inv_tau)
 
+    def survival(self, value: float, now: float) -> float | None:
+        """The share of the decayed weight above ``value`` (1 - CDF), or ``None`` when weight(now) <
+        min_weight; log-linear inside a bucket, the inverse of ``quantile``. O(occupied buckets)."""
+        total = self._total
+        if total <= 0.0 or total * exp((self._t0 - now) * self._inv_tau) < self.min_weight:
+            return None
+        if value <= self._lo:
+            return 1.0
+        pos = (log(value) - self._log_lo) * self._inv_log_r
+        i = int(pos)
+        if i > self._hi_i:
+            return 0.0
+        counts = self._counts
+        above = sum(counts[i + 1 : self._hi_i + 1])
+        if i >= self._lo_i:
+            above += counts[i] * (1.0 - (pos - i))
+        else:
+            above = total
+        return min(1.0, above / total)
+
     def quantile(self, q: float, now: float) -> float | None:
         """The q-quantile of the decayed distribution, or ``None`` when weight(now) < min_weight.
 

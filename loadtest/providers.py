@@ -16,7 +16,8 @@ Control endpoint (plain aiohttp, off the measured path):
 * ``GET /stats``: per provider ``requests_total``, ``disconnects_total``, ``completed_total`` and the
   same counts per load-test mode, taken from the ``user`` field the client tags each request with
   (``lt/<mode>/<seq>``): that is how upstream load per client request is attributed to a mode even
-  when the proxy sits in between.
+  when the proxy sits in between. ``?seqs=<mode>`` adds ``seqs``: per provider, upstream requests per
+  sequence number of that mode (the extra load of a window of the run).
 
 It exits on SIGTERM/SIGINT, when its stdin closes (the parent died), or after ``--max-lifetime``.
 """
@@ -137,6 +138,20 @@ class Runner:
         await prov.resume()
         self.events.append({"t": round(self.elapsed() or 0.0, 3), "provider": plan.name, "event": "up"})
 
+    def seqs(self, mode: str) -> dict[str, dict[int, int]]:
+        """Per provider, upstream requests per client sequence number of `mode` (tracked records only):
+        the extra load of a time window of that mode."""
+        out: dict[str, dict[int, int]] = {}
+        for p in self.providers:
+            mc = self.by_mode[p.name].get(mode)
+            counts: dict[int, int] = {}
+            for r in mc.records if mc is not None else ():
+                parsed = parse_tag(r.body.get("user"))
+                if parsed is not None:
+                    counts[parsed[1]] = counts.get(parsed[1], 0) + 1
+            out[p.name] = counts
+        return out
+
     def stats(self) -> dict[str, Any]:
         provs: dict[str, Any] = {}
         for p in self.providers:
@@ -162,7 +177,13 @@ def _control_app(runner: Runner) -> web.Application:
         return web.json_response({"ok": True})
 
     async def stats(request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps(runner.stats()), content_type="application/json")
+        doc = runner.stats()
+        mode = request.query.get("seqs")
+        if mode:
+            doc["seqs"] = runner.seqs(mode)
+        return web.Response(
+            body=orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS), content_type="application/json"
+        )
 
     app = web.Application()
     app.router.add_post("/start", start)

@@ -153,3 +153,54 @@ def spread(values: Sequence[float]) -> dict[str, float | None]:
     """min / median / max of repeated measurements (how noisy a figure was)."""
     xs = sorted(values)
     return {"min": xs[0] if xs else None, "median": percentile(xs, 50.0), "max": xs[-1] if xs else None}
+
+
+def nearest_rank(values: Sequence[float], p: float) -> float | None:
+    """The p-th percentile (0..100) by nearest rank, as the simulator (`hedge.sim.pct`) reads it: an
+    actual value, so a failed request counted as ``inf`` stays in the tail instead of making it nan."""
+    if not values:
+        return None
+    xs = sorted(values)
+    return xs[min(len(xs) - 1, max(0, math.ceil(p / 100.0 * len(xs)) - 1))]
+
+
+def after_change(
+    ttfts: Sequence[float], own: Mapping[str, Sequence[float]], attempts: Sequence[int]
+) -> dict[str, Any]:
+    """Issue 9's slowdown measure over one window of requests: the mode's p99 TTFT (failures count as
+    ``inf``), each provider's *own* p99 on the same requests (what it alone would have answered), the
+    ratio to the best of those, and the extra load (upstream attempts per request - 1)."""
+    p99 = nearest_rank(ttfts, 99.0)
+    owns = {name: nearest_rank(xs, 99.0) for name, xs in own.items()}
+    finite = {k: v for k, v in owns.items() if v is not None}
+    best = min(finite, key=lambda k: finite[k]) if finite else None
+    best_p99 = finite[best] if best is not None else None
+    return {
+        "n": len(ttfts),
+        "p99_ms": _ms(p99) if p99 is not None and math.isfinite(p99) else None,
+        "p99_inf": p99 is not None and not math.isfinite(p99),
+        "own_p99_ms": {k: _ms(v) if v is not None and math.isfinite(v) else None for k, v in owns.items()},
+        "best": best,
+        "ratio": None if p99 is None or best_p99 is None or not best_p99 else p99 / best_p99,
+        "extra_load": round(sum(attempts) / len(attempts) - 1.0, 4) if attempts else None,
+    }
+
+
+def lead_time(
+    points: Sequence[tuple[float, str | None]],
+    provider: str,
+    after: float,
+    span: float = 2.0,
+    share: float = 0.9,
+) -> float | None:
+    """Seconds after `after` until `provider` serves at least `share` of the requests sent over the next
+    `span` seconds ((send time, serving provider) points); None if it never does within the run."""
+    pts = sorted((t, who) for t, who in points if t >= after)
+    end = pts[-1][0] if pts else after
+    for i, (t, _) in enumerate(pts):
+        if t + span > end:
+            break
+        nxt = [who for u, who in pts[i:] if u < t + span]
+        if sum(who == provider for who in nxt) >= share * len(nxt):
+            return t - after
+    return None

@@ -34,7 +34,7 @@ import orjson
 from . import report
 from .client import Client, Exchange, Target
 from .procs import Children, cpu_seconds, free_port, read_ready_line, self_cpu_seconds, status_kb, wait_http
-from .scenarios import Scenario, get
+from .scenarios import Scenario, get, request_rng
 
 MODES = ("direct", "pinned", "fast", "oracle")
 PINNED_MODEL = "lt/chat"
@@ -583,7 +583,7 @@ async def run(opts: RunOptions) -> dict[str, Any]:
         client_cpu = self_cpu_seconds() - client_cpu0
         cpu_after = cpu_seconds(proxy_pid) if proxy_pid else None
         prov_cpu = cpu_seconds(prov.pid) - prov_cpu0
-        stats = await _get_json(session, control + "/stats")
+        stats = await _get_json(session, control + "/stats" + ("?seqs=fast" if "fast" in opts.modes else ""))
         metrics_after = await _scrape(session, proxy_url)
         peak_rss = status_kb(proxy_pid, "VmHWM") if proxy_pid else None
     finally:
@@ -655,6 +655,9 @@ def scenario_spans(s: Scenario, duration: float) -> list[tuple[float, float, str
             spans.append((w.start * duration, w.end * duration, f"{p.name} x{p.slow_factor:g} TTFT"))
         for w in p.more_slow_windows:
             spans.append((w.start * duration, w.end * duration, f"{p.name} x{p.slow_factor:g} TTFT"))
+        if p.ramp is not None:
+            w = p.ramp.window
+            spans.append((w.start * duration, w.end * duration, f"{p.name} TTFT ramps to x{p.ramp.top:g}"))
         if p.outage is not None:
             spans.append((p.outage.start * duration, p.outage.end * duration, f"{p.name} down"))
         b = p.bursts
@@ -667,7 +670,7 @@ def scenario_spans(s: Scenario, duration: float) -> list[tuple[float, float, str
 
 
 def _varies(s: Scenario) -> bool:
-    return any(p.slow_window or p.more_slow_windows or p.bursts or p.outage for p in s.providers)
+    return any(p.slow_window or p.more_slow_windows or p.ramp or p.bursts or p.outage for p in s.providers)
 
 
 def _title(scenario: Scenario, opts: RunOptions) -> str:
@@ -715,7 +718,9 @@ def build_report(
             "total_ms": [round(s.total * 1000, 3) if s.total is not None else None for s in ok],
         }
     route = {**DEFAULT_ROUTE, "max_attempts": len(scenario.providers), **opts.route}
+    seqs = stats.pop("seqs", None)
     return {
+        "after_change": change_measure(scenario, opts, driver, seqs),
         "tool": "python -m loadtest run",
         "command": opts.argv,
         "started_at": dt.datetime.now().isoformat(timespec="seconds"),
@@ -758,6 +763,56 @@ def build_report(
         "modes": modes,
         "samples": samples,
     }
+
+
+AFTER_S = 1.0
+"""The measure starts this long after the change (issue 9: "p99 TTFT from 1 s after the change") ..."""
+WINDOW_S = 11.0
+"""... and spans this long (the issue's 11 s), or to the end of the run."""
+
+
+def change_measure(
+    scenario: Scenario, opts: RunOptions, driver: Driver, seqs: dict[str, dict[str, int]] | None
+) -> dict[str, Any] | None:
+    """Issue 9's measure of the `fast` mode after a scenario's change (None without one): p99 TTFT over
+    the requests sent from `AFTER_S` after it, for `WINDOW_S`, against the best single provider's own
+    p99 on the same requests (after a slowdown of the primary: the best remaining provider), its extra
+    load there, and when the best provider first served 90 % of the fast lane's requests after it.
+
+    A provider's own TTFT comes from the scenario's draws for that very request (common random
+    numbers): what the simulated provider alone would have answered, without the loopback and proxy
+    overhead the measured `fast` TTFT carries, so the ratio errs against the proxy."""
+    if scenario.change_at is None or "fast" not in driver.states or seqs is None:
+        return None
+    change = scenario.change_at * opts.duration
+    t0, t1 = change + AFTER_S, min(opts.duration, change + AFTER_S + WINDOW_S)
+    reqs = [s for s in driver.states["fast"].samples if t0 <= s.t < t1]
+    ttfts = [s.ttft if s.ttft is not None and s.error is None else float("inf") for s in reqs]
+    own = {
+        p.name: [p.own_ttft(s.t, opts.duration, request_rng(opts.seed, i, s.seq, 0)) for s in reqs]
+        for i, p in enumerate(scenario.providers)
+    }
+    attempts = [sum(int(seqs.get(p.name, {}).get(str(s.seq), 0)) for p in scenario.providers) for s in reqs]
+    out = report.after_change(ttfts, own, attempts)
+    points = [(s.t, served_by(s, "fast", scenario.primary)) for s in driver.states["fast"].samples]
+    lead = None if out["best"] is None else report.lead_time(points, out["best"], change)
+    out.update({"change_s": change, "from_s": t0, "to_s": t1, "best_leads_after_s": lead})
+    return out
+
+
+def render_change(m: dict[str, Any]) -> str:
+    """One paragraph: the after-the-change measure (see `change_measure`)."""
+    p99 = "inf (failures)" if m["p99_inf"] else report.fmt_ms(m["p99_ms"])
+    owns = ", ".join(f"{k} {report.fmt_ms(v)}" for k, v in m["own_p99_ms"].items())
+    ratio = "-" if m["ratio"] is None else f"{m['ratio']:.2f}x"
+    extra = "-" if m["extra_load"] is None else f"{m['extra_load']:.3f}"
+    lead = m["best_leads_after_s"]
+    lead_s = "never" if lead is None else f"{lead:.1f} s after the change"
+    return (
+        f"after the change at {m['change_s']:g} s (fast, requests sent {m['from_s']:g}-{m['to_s']:g} s, "
+        f"n={m['n']}): p99 TTFT {p99} = {ratio} the best provider's own p99 ({m['best']}; own p99 {owns}), "
+        f"extra load {extra}; {m['best']} serves >= 90 % from {lead_s}"
+    )
 
 
 def render_run(doc: dict[str, Any]) -> str:
@@ -804,4 +859,6 @@ def render_run(doc: dict[str, Any]) -> str:
         lines.append(
             "events: " + ", ".join(f"{e['provider']} {e['event']} at {e['t']:g} s" for e in sc["events"])
         )
+    if doc.get("after_change"):
+        lines.append(render_change(doc["after_change"]))
     return "\n".join(lines)

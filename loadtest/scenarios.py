@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 from hedge.simprovider import Behaviour, LatencyProfile
 
-__all__ = ["SCENARIOS", "ErrorBursts", "ProviderPlan", "Scenario", "Window", "get", "request_rng"]
+__all__ = ["SCENARIOS", "ErrorBursts", "ProviderPlan", "Ramp", "Scenario", "Window", "get", "request_rng"]
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,27 @@ class ErrorBursts:
 
 
 @dataclass(frozen=True)
+class Ramp:
+    """A gradual TTFT change: the factor grows geometrically from 1 to ``top`` across ``window`` and
+    stays at ``top`` after it (the simulator's `drift`: no instant at which the change is news)."""
+
+    window: Window
+    top: float
+
+    def factor(self, elapsed: float | None, duration: float) -> float:
+        if elapsed is None:
+            return 1.0
+        start, end = self.window.start * duration, self.window.end * duration
+        if elapsed < start:
+            return 1.0
+        span = end - start
+        return self.top if span <= 0 else self.top ** min(1.0, (elapsed - start) / span)
+
+
+@dataclass(frozen=True)
 class ProviderPlan:
-    """One simulated provider: a base latency profile plus optional slowdown, error bursts, outage."""
+    """One simulated provider: a base latency profile plus optional slowdown (a step, or a `ramp`),
+    error bursts, outage."""
 
     name: str
     profile: LatencyProfile
@@ -66,10 +85,16 @@ class ProviderPlan:
     bursts: ErrorBursts | None = None
     outage: Window | None = None
     more_slow_windows: tuple[Window, ...] = ()  # further windows with the same slow_factor (flapping)
+    ramp: Ramp | None = None  # a gradual TTFT change (drift), on top of any step
 
     def slow_at(self, elapsed: float | None, duration: float) -> bool:
         windows = (self.slow_window, *self.more_slow_windows)
         return any(w is not None and w.contains(elapsed, duration) for w in windows)
+
+    def ttft_factor(self, elapsed: float | None, duration: float) -> float:
+        """The multiple of the base TTFT a request arriving ``elapsed`` s in meets (1 in warm-up)."""
+        f = self.slow_factor if self.slow_at(elapsed, duration) else 1.0
+        return f * (1.0 if self.ramp is None else self.ramp.factor(elapsed, duration))
 
     def behaviour(self, elapsed: float | None, duration: float, rng: random.Random) -> Behaviour:
         """What a request arriving ``elapsed`` seconds into the measurement gets (None = warm-up)."""
@@ -79,9 +104,18 @@ class ProviderPlan:
             headers = self.profile.sample_ttft(rng) * self.profile.headers_delay
             return Behaviour(status=b.status, headers_delay=headers, retry_after=b.retry_after)
         prof = self.profile
-        if self.slow_at(elapsed, duration):
-            prof = replace(prof, ttft_median=prof.ttft_median * self.slow_factor)
+        f = self.ttft_factor(elapsed, duration)
+        if f != 1.0:
+            prof = replace(prof, ttft_median=prof.ttft_median * f)
         return prof.sample(rng)
+
+    def own_ttft(self, elapsed: float, duration: float, rng: random.Random) -> float:
+        """The TTFT this provider alone gives the request with these draws (inf: it fails or refuses):
+        the "own p99" reference of the load test's after-the-change measure."""
+        if self.outage is not None and self.outage.contains(elapsed, duration):
+            return float("inf")
+        b = self.behaviour(elapsed, duration, rng)
+        return float("inf") if b.status != 200 else max(b.ttft, b.headers_delay)
 
     def describe(self, duration: float) -> str:
         p = self.profile
@@ -94,6 +128,9 @@ class ProviderPlan:
         if self.slow_window is not None or self.more_slow_windows:
             ws = [w for w in (self.slow_window, *self.more_slow_windows) if w is not None]
             parts.append(f"TTFT x{self.slow_factor:g} during {', '.join(w.describe(duration) for w in ws)}")
+        if self.ramp is not None:
+            r = self.ramp
+            parts.append(f"TTFT ramps x1 -> x{r.top:g} over {r.window.describe(duration)}, then stays")
         if self.bursts is not None:
             b = self.bursts
             parts.append(
@@ -112,6 +149,7 @@ class Scenario:
     name: str
     summary: str
     providers: tuple[ProviderPlan, ...]
+    change_at: float | None = None  # when the story turns (fraction of the run): the measure's anchor
 
     @property
     def primary(self) -> str:
@@ -185,6 +223,13 @@ SCENARIOS: dict[str, Scenario] = {
                     "alpha", ALPHA, slow_window=Window(0.41, 1.0), slow_factor=10.0, outage=Window(0.40, 0.41)
                 )
             ),
+            change_at=0.40,
+        ),
+        Scenario(
+            "drift",
+            "the primary's TTFT drifts up 5x (50 -> 250 ms) between 30 % and 70 % of the run, then stays",
+            _trio(ProviderPlan("alpha", ALPHA, ramp=Ramp(Window(0.30, 0.70), 5.0))),
+            change_at=0.30,
         ),
         Scenario(
             "flapping",
@@ -206,6 +251,7 @@ SCENARIOS: dict[str, Scenario] = {
                     "gamma", replace(GAMMA, ttft_median=0.025), slow_window=Window(0.0, 0.5), slow_factor=40.0
                 )
             ),
+            change_at=0.5,
         ),
         Scenario(
             "erroring",

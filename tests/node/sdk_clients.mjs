@@ -1,5 +1,5 @@
 // Node clients against an OpenAI-compatible base URL (argv[2]); prints one JSON object of what they got.
-// Used by tests/test_node_sdks.py. The Vercel AI SDK's default OpenAI provider calls /v1/responses.
+// Used by tests/integration/test_node_sdks.py. The Vercel AI SDK's default OpenAI provider calls /v1/responses.
 import OpenAI from "openai";
 import { createOpenAI } from "@ai-sdk/openai";
 import { embed, generateText, streamText } from "ai";

@@ -3,6 +3,7 @@ end-to-end smoke runs (`run` and `overhead` as subprocesses, checking the JSON, 
 
 from __future__ import annotations
 
+import itertools
 import random
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from loadtest import report
 from loadtest.client import Exchange, Target, _Conn, first_token_in_event
 from loadtest.providers import parse_tag
 from loadtest.run import metrics_delta, parse_metrics, proxy_config, sum_by, timeline
-from loadtest.scenarios import SCENARIOS, ErrorBursts, Window, get, request_rng
+from loadtest.scenarios import SCENARIOS, ErrorBursts, ProviderPlan, Ramp, Window, get, request_rng
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -416,8 +417,80 @@ def test_timeline_plot_colours_by_provider(tmp_path: Path) -> None:
 
 
 def test_issue_9_scenarios_are_there() -> None:
-    for name in ("slowdown", "flapping", "recovery", "erroring"):
+    for name in ("slowdown", "drift", "flapping", "recovery", "erroring"):
         s = get(name)
         assert s.describe(30.0)
     flap = get("flapping").providers[0]
     assert [flap.slow_at(t, 10.0) for t in (0.5, 1.5, 2.5, 3.5)] == [False, True, False, True]
+
+
+def test_drift_ramps_the_primary_gradually_and_stays() -> None:
+    """The simulator's `drift`: a TTFT ramp (geometric, 1 -> 5x across 30-70 % of the run), no step."""
+    d = 20.0
+    alpha = get("drift").providers[0]
+    assert alpha.ramp is not None and get("drift").change_at == 0.30
+    factors = [alpha.ttft_factor(t, d) for t in (None, 0.0, 5.9, 6.0, 10.0, 14.0, 19.9)]
+    assert factors[:4] == [1.0, 1.0, 1.0, 1.0]
+    assert factors[4] == pytest.approx(5.0**0.5) and factors[5] == factors[6] == pytest.approx(5.0)
+    ts = [6.0 + 0.1 * k for k in range(81)]
+    fs = [alpha.ttft_factor(t, d) for t in ts]
+    assert all(b > a for a, b in itertools.pairwise(fs))  # strictly growing: no instant of news
+    assert max(b / a for a, b in itertools.pairwise(fs)) < 1.03
+
+    def median_ttft(elapsed: float) -> float:
+        return sorted(alpha.behaviour(elapsed, d, request_rng(1, 0, k, 0)).ttft for k in range(301))[150]
+
+    assert median_ttft(18.0) == pytest.approx(5 * median_ttft(2.0), rel=1e-9)  # the same draws, 5x
+    assert "ramps x1 -> x5 over 6-14 s" in alpha.describe(d)
+    flat = ProviderPlan("x", alpha.profile, ramp=Ramp(Window(0.5, 0.5), 3.0))
+    assert flat.ttft_factor(9.0, d) == 1.0 and flat.ttft_factor(10.0, d) == 3.0  # a zero-length ramp: a step
+
+
+def test_after_change_measure_and_lead_time() -> None:
+    """Issue 9's slowdown measure: the mode's p99 (failures in the tail) against the best single
+    provider's own p99 on the same requests, and the extra load over the window."""
+    ttfts = [0.1] * 98 + [0.2, float("inf")]
+    own = {"alpha": [1.0] * 100, "beta": [0.05] * 98 + [0.15, 0.15], "gamma": [0.3] * 100}
+    m = report.after_change(ttfts, own, [1] * 90 + [2] * 10)
+    assert m["n"] == 100 and m["p99_ms"] == 200.0 and not m["p99_inf"]  # nearest rank: the 99th of 100
+    assert m["best"] == "beta" and m["own_p99_ms"]["beta"] == 150.0 and m["own_p99_ms"]["alpha"] == 1000.0
+    assert m["ratio"] == pytest.approx(0.2 / 0.15) and m["extra_load"] == pytest.approx(0.1)
+    worse = report.after_change([float("inf")] * 2 + [0.1] * 8, {"b": [0.1] * 10}, [1] * 10)
+    assert worse["p99_inf"] and worse["p99_ms"] is None and worse["ratio"] == float("inf")
+    assert report.nearest_rank([], 99.0) is None
+    pts = [(k * 0.1, "alpha" if k < 30 else "beta") for k in range(100)]
+    assert report.lead_time(pts, "beta", 1.0) == pytest.approx(1.8)  # from 2.8 s: 18 of the next 20
+    assert report.lead_time(pts, "gamma", 1.0) is None
+
+
+def test_own_ttft_follows_the_plan() -> None:
+    alpha = get("slowdown").providers[0]
+    rng = request_rng(1, 0, 5, 0)
+    assert alpha.own_ttft(8.05, 20.0, rng) == float("inf")  # restarting: connections refused
+    before = alpha.own_ttft(5.0, 20.0, request_rng(1, 0, 5, 0))
+    after = alpha.own_ttft(15.0, 20.0, request_rng(1, 0, 5, 0))
+    assert after == pytest.approx(10 * before)
+    erroring = get("erroring").providers[0]
+    outs = [erroring.own_ttft(1.0, 20.0, request_rng(1, 0, k, 0)) for k in range(100)]
+    assert 10 < sum(x == float("inf") for x in outs) < 50  # 30 % fail: forever, for the own p99
+
+
+def test_smoke_drift_run_prints_the_after_change_measure(tmp_path: Path) -> None:
+    """`drift` end to end (ramp in the provider process) and the after-the-change line: a short run
+    whose change is at 30 % (0.9 s of 3 s)."""
+    out = tmp_path / "drift"
+    proc = _run_cli(
+        "run", "--scenario", "drift", "--duration", "3", "--rate", "10", "--modes", "direct,fast",
+        "--warmup", "0.5", "--out", str(out), "--no-plot", "--quiet",
+    )  # fmt: skip
+    doc = orjson.loads((out / "report.json").read_bytes())
+    assert doc["scenario"]["name"] == "drift" and "ramps x1 -> x5" in doc["scenario"]["providers"]["alpha"]
+    m = doc["after_change"]
+    assert m is not None and m["change_s"] == pytest.approx(0.9) and m["from_s"] == pytest.approx(1.9)
+    assert 10 <= m["n"] <= 11 and set(m["own_p99_ms"]) == {"alpha", "beta", "gamma"}
+    assert m["ratio"] is not None and m["ratio"] > 0 and m["extra_load"] is not None and m["extra_load"] >= 0
+    assert "seqs" not in doc["providers"]
+    assert "after the change at 0.9 s" in proc.stdout and "own p99" in proc.stdout
+    # the direct mode's late requests met the ramp: alpha's median there is above its warm-up median
+    direct = doc["modes"]["direct"]["timeline"]
+    assert direct[-1]["ttft_p50_ms"] > direct[0]["ttft_p50_ms"]

@@ -17,8 +17,11 @@ from hedge.policy import (
     Evidence,
     RequestBudget,
     hedge_quantile,
+    hedge_share,
+    knee,
     split_budget,
 )
+from hedge.stats import DecayingHistogram
 from hedge.strategy import REGISTRY, View
 from hedge.strategy import get as get_strategy
 
@@ -241,6 +244,82 @@ def test_a_stale_refresh_keeps_an_exploration_token_for_news() -> None:
     fb.on_first_token(b, 0.15, 10.15, launched_at=10.0)  # faster than a's 0.2 s, not clearly (<= 0.1)
     o = fb.order(plan, 10.2)
     assert o[0] is a and o.explore is b and explore.tokens < 1.0  # promising: the kept token pays
+
+
+def test_waiting_attempts_count_from_the_kept_answers_cohort() -> None:
+    """Attempts still waiting from before the earliest kept answer was launched (another route's
+    unhedged stalls at a high rate) do not demote a provider whose recent answers are fast; attempts
+    launched since do (a slowdown)."""
+    ev = Evidence()
+    for k in range(10):
+        ev.launched(k * 0.01)  # launched 0-90 ms: stalled, still waiting
+    for k in range(EVIDENCE_N):
+        t = 1.0 + k * 0.01
+        ev.launched(t)
+        ev.answered(0.05, t + 0.05, launched_at=t)
+    e = ev.estimate(1.2)
+    assert e.ttft == pytest.approx(0.05) and not e.lower_bound and e.pending == 10
+    for k in range(10):
+        ev.launched(1.2 + k * 0.01)  # launched after the kept answers: they count
+    slow = ev.estimate(1.5)
+    assert slow.lower_bound and slow.ttft is not None and slow.ttft > 0.2
+
+
+def test_a_decayed_candidate_is_not_news_for_the_hedge_bucket() -> None:
+    """A candidate that answered before but whose long window decayed below `min_samples` is unknown
+    to the order, yet re-measuring it is routine: it may not drain the hedge bucket (stalls need it);
+    a never-answered one (cold start) may."""
+    fb, plan = fb_and_plan("ab", hedge_budget=0.1, hedge_burst=5)
+    a, b = plan.candidates
+    explore = fb.explore_budget(plan.route)
+    while explore.try_spend():
+        pass  # the exploration bucket is empty: only the hedge bucket (full, 5 tokens) could pay
+    for k in range(EVIDENCE_N):
+        fb.on_launch(a, float(k))
+        fb.on_first_token(a, 0.2, k + 0.2)
+    assert fb.ttft(b, 7.0)[0] is None and fb.order(plan, 7.0).explore is b  # never answered: news
+    fb.on_first_token(b, 0.3, 7.3, launched_at=7.0)
+    assert fb.ttft(b, 60.0)[0] is None  # one answer, long ago: unknown again
+    hedges = fb.budget(plan.route)
+    before = hedges.tokens
+    assert fb.order(plan, 60.0).explore is None and hedges.tokens == before
+
+
+def test_survival_inverts_the_quantile() -> None:
+    h = DecayingHistogram(10.0, min_weight=3.0)
+    for i in range(100):
+        h.observe(0.05 * (1.0 + i / 100), 0.0)
+    for q in (0.1, 0.5, 0.9, 0.97):
+        v = h.quantile(q, 0.0)
+        assert v is not None
+        sv = h.survival(v, 0.0)
+        assert sv is not None and abs(sv - (1.0 - q)) < 1e-6, (q, sv)
+    assert h.survival(1e-5, 0.0) == 1.0 and h.survival(10.0, 0.0) == 0.0
+
+
+def test_the_delay_moves_down_to_the_knee_of_a_gapped_tail() -> None:
+    """A fast body (50-100 ms) plus 3 % stalls at 2 s: any delay in the gap demands the same 3 % of
+    hedges, so the knee is the top of the body, not the 150 ms the quantile (or its cap) picked; after
+    a recovery (the old slow mass above the cap) it stays put: that demand exceeds what the bucket earns."""
+    h = DecayingHistogram(10.0, min_weight=3.0)
+    for i in range(970):
+        h.observe(0.05 * 2 ** (i / 970), 0.0)
+    for _ in range(30):
+        h.observe(2.0, 0.0)
+    assert h.quantile(0.975, 0.0) is not None and h.quantile(0.975, 0.0) > 1.0  # among the stalls
+    afford = 0.05 * (1.0 - EXPLORE_SHARE)
+    d = knee(h, 0.15, afford, 0.0)
+    assert 0.09 <= d <= 0.1 * h.bucket_ratio, d  # the body's top (within a bucket), not 150 ms
+    demand = h.survival(d, 0.0)
+    assert demand is not None and demand <= 1.1 * 0.03 + 1e-9
+    recovered = DecayingHistogram(10.0, min_weight=3.0)
+    for i in range(100):
+        recovered.observe(3.0 if i < 60 else 0.3, 0.0)
+    assert knee(recovered, 0.9, hedge_share(plan_route(0.1)), 0.0) == 0.9
+
+
+def plan_route(budget: float) -> object:
+    return fb_and_plan("ab", hedge_budget=budget)[1].route  # type: ignore[attr-defined]
 
 
 def test_order_is_an_explicit_value() -> None:

@@ -77,28 +77,38 @@ def test_all_slow_extra_load_stays_within_the_budget(capsys: pytest.CaptureFixtu
     assert all(t.met for t in loads), loads  # <= budget + 1 %
 
 
-@pytest.mark.parametrize(("quantile", "budget"), [(0.9, 0.1), (0.95, 0.15), (0.5, 0.2)])
+@pytest.mark.parametrize(
+    ("quantile", "budget"), [(0.9, 0.1), (0.95, 0.15), (0.5, 0.2), (0.99, 0.05), (0.75, 0.3)]
+)
 def test_steady_tails_against_the_best_fixed_stagger(
     quantile: float, budget: float, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The issue asks for <= 1.1x in every run. Measured over these 15 runs: 1.00-1.11x, seed 5 at
-    (0.9, 0.1) at 1.111x (187 ms against 169 ms: two p99 ranks; it was 1.103x before the exploration
-    reserve, which moved when routine refreshes fire; over seeds 1-10 the mean went 1.058 -> 1.053
-    and the max 1.104 -> 1.111); the assertion holds the median to 1.1x and every run to 1.12x, and
-    prints the spread. `quantile` no longer matters (the delay's quantile is 1 - budget/2); before
-    this policy, (0.5, 0.2) was ~12x: a delay demanding hedges far above what the budget pays."""
+    """The issue's target: p99 <= 1.1x the best fixed stagger at equal or lower extra load in *every*
+    run, whatever `quantile` and `hedge_budget` are. Over seeds 1-10 of each setting here (50 runs):
+    1.00-1.08x, median 1.01x. Two policy gaps were behind the earlier 1.11x (and the 1.2-1.3x at
+    (0.99, 0.05), a setting not tested before): the hedge bucket paid for re-measuring a third
+    provider whose statistics had merely decayed (~2 % of requests: refusals, so stalls waited out 2 s),
+    now only for news; and with 3 % stalls above the 1 - b/2 quantile the delay sat at the
+    `TAIL_FACTOR` cap instead of the knee of the tail (`policy.knee`). `quantile` does not matter
+    (the delay's quantile is 1 - budget/2); before this policy, (0.5, 0.2) was ~12x."""
     route = {"quantile": quantile, "hedge_budget": budget}
-    targets = [sim.steady_target(sim.simulate(sim.SCENARIOS["steady"], seed=s, route=route)) for s in SEEDS]
+    runs = [sim.simulate(sim.SCENARIOS["steady"], seed=s, route=route) for s in SEEDS]
+    rows = [sim.row(run) for run in runs]
+    targets = [sim.steady_target(run, r) for run, r in zip(runs, rows, strict=True)]
     values = [t.value for t in targets]
     show(
         capsys,
         f"SIM steady quantile={quantile} budget={budget}: p99 / best fixed stagger at equal load "
-        + ", ".join(f"{v:.2f}" for v in values)
-        + "\n  "
+        + ", ".join(f"{v:.3f}" for v in values)
+        + f" (spread {min(values):.3f}-{max(values):.3f}, median {statistics.median(values):.3f})\n  "
         + "\n  ".join(t.detail for t in targets),
     )
-    assert statistics.median(values) <= 1.1, values
-    assert max(values) <= 1.12, values
+    for r in rows:
+        # the stagger is compared at extra load <= ours (found by bisection on the same draws), and
+        # it is the best such: a smaller stagger would cost more than we spent
+        assert r.stagger_extra <= r.extra + 1e-9, r
+        assert r.stagger_d < sim.NO_STAGGER, r
+    assert all(t.met for t in targets), values  # <= 1.1x in every run
 
 
 def test_beats_the_finagle_anchor(capsys: pytest.CaptureFixture[str]) -> None:
