@@ -32,6 +32,8 @@ API_PATHS = {
     "embeddings": "/embeddings",
 }
 EMBEDDINGS_TAG = "embeddings"
+_EMBEDDINGS_ONLY = frozenset({"embeddings"})
+_ALL_BUT_EMBEDDINGS = ALL_APIS - _EMBEDDINGS_ONLY  # built once: asked for every candidate of a request
 # Error codes and params that say "the path exists, the thing you named does not"
 _RESOURCE_CODES = frozenset({"model_not_found", "previous_response_not_found"})
 _RESOURCE_PARAMS = frozenset({"model", "previous_response_id", "response_id"})
@@ -44,9 +46,7 @@ def api_url(base_url: str, api: str) -> str:
 
 def model_apis(model: ModelConfig) -> frozenset[str]:
     """The APIs a model can answer at all, from its kind (tagged `embeddings` or not)."""
-    if EMBEDDINGS_TAG in model.tags:
-        return frozenset({"embeddings"})
-    return ALL_APIS - {"embeddings"}
+    return _EMBEDDINGS_ONLY if EMBEDDINGS_TAG in model.tags else _ALL_BUT_EMBEDDINGS
 
 
 def lacks_path(status: int, error_body: bytes | None) -> bool:

@@ -54,6 +54,7 @@ from .dialects import (
     CHAT,
     COMPLETIONS,
     DIALECTS,
+    DONE_MARK,
     EMBEDDINGS,
     RESPONSES,
     TOKEN,
@@ -83,6 +84,7 @@ log = logging.getLogger("hedge.proxy")
 ERROR_BODY_LIMIT = 64 * 1024
 RESPONSE_LIMIT = 64 * 1024 * 1024
 PENDING_LIMIT = 1 << 20
+USAGE_HINT = b'"usage"'  # in every usage marker take_usage knows (with or without a space)
 LACKS_API = "lacks_api"  # the failure reason of an attempt whose provider has no such path (404/405)
 
 
@@ -780,6 +782,7 @@ class Proxy:
         out.headers["Cache-Control"] = "no-cache"
         strip_usage = call.strip_usage
         dialect = call.dialect
+        typed_end = dialect is RESPONSES  # ends at a terminal event, not at `data: [DONE]`
         usage: Usage | None = None
         saw_end = False
         pending = b""  # a partial SSE event, held until its end arrives
@@ -807,13 +810,14 @@ class Proxy:
                             # the provider echoed our key into its stream: the one edit of its bytes
                             # we make for safety; one `in` per chunk otherwise (see secrets.py)
                             chunk = chunk.replace(key, REDACTED)
-                        chunk, u = take_usage(chunk, dialect, strip_usage)  # two `in`s unless it is there
-                        if u is not None:
-                            usage = u
+                        if USAGE_HINT in chunk:  # one `in` per chunk; parsed only where it is
+                            chunk, u = take_usage(chunk, dialect, strip_usage)
+                            if u is not None:
+                                usage = u
                         if held:  # bytes after the end: unusual, but forward them in order
                             await out.write(held)
                             held = b""
-                        at = end_at(chunk, dialect)
+                        at = end_at(chunk, dialect) if typed_end or DONE_MARK in chunk else None
                         if at is not None:
                             saw_end = True
                             cost = self._account(c, usage, key_id)
