@@ -243,15 +243,24 @@ class Evidence:
         """Our own kept attempts (ended at, seconds, censored), oldest first: what this instance publishes."""
         return list(self._local)
 
-    def set_remote(self, ended: Iterable[Ended]) -> None:
-        """Replace the peers' ended attempts (their end times on this instance's clock). The window then
-        holds the newest `n` attempts of the whole fleet, as if one instance had served all the traffic
-        (the peers' ones late by at most a sync interval); in-flight attempts stay local."""
+    def local_exact(self) -> tuple[float, float] | None:
+        """(arrived at, TTFT) of this instance's latest exact answer, kept or not: what it publishes
+        beside its kept attempts, since an answer can outlive the window (n cancellations after it)."""
+        return self._local_exact
+
+    def set_remote(self, ended: Iterable[Ended], exact: tuple[float, float] | None = None) -> None:
+        """Replace the peers' ended attempts (their end times on this instance's clock) and their latest
+        exact answer (`exact`, which may predate their kept attempts). The window then holds the newest
+        `n` attempts of the whole fleet, as if one instance had served all the traffic (the peers' ones
+        late by at most a sync interval); in-flight attempts stay local."""
         newest = heapq.nlargest(self._n, ended)
         newest.reverse()
         self._remote = newest
-        exact = [(at, s) for at, s, c in newest if not c]
-        self._remote_exact = exact[-1] if exact else None
+        kept = [(at, s) for at, s, c in newest if not c]
+        latest = kept[-1] if kept else None
+        if exact is not None and (latest is None or exact[0] > latest[0]):
+            latest = exact
+        self._remote_exact = latest
         self._window()
 
     def forget(self) -> None:

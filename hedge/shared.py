@@ -79,6 +79,7 @@ class _Acc:
     succ: float = 0.0
     fail: float = 0.0
     ended: list[Ended] = field(default_factory=list)  # the peers' kept attempts, on the reader's clock
+    exact: tuple[float, float] | None = None  # the peers' latest exact answer (arrived at, TTFT), ditto
 
 
 def _flat(weights: Mapping[int, float]) -> list[float]:
@@ -175,12 +176,15 @@ class SharedSync:
                 ttft, total = s.ttft.local_weights(now), s.total.local_weights(now)
                 succ, fail = s.local_outcomes(now)
                 ended = fb.evidence(c).local_ended()
-                if not (ttft or total or succ or fail or ended):
+                lx = fb.evidence(c).local_exact()
+                if not (ttft or total or succ or fail or ended or lx):
                     continue
                 ev: list[float] = []
                 for at, secs, censored in ended:
                     ev += (at + off, secs, censored)
                 out[key] = {"ttft": _flat(ttft), "total": _flat(total), "ok": succ, "err": fail, "ev": ev}
+                if lx is not None:  # the latest answer may predate the kept attempts (all cancelled since)
+                    out[key]["lx"] = [lx[0] + off, lx[1]]
             lanes[name] = out
         opens: dict[str, list[float | None]] = {}
         seen: set[int] = set()
@@ -249,6 +253,12 @@ class SharedSync:
                 _finite(e.get("ok", 0.0), "ok", lo=0.0)
                 _finite(e.get("err", 0.0), "err", lo=0.0)
                 _check_ended(e.get("ev", []))
+                lx = e.get("lx")
+                if lx is not None:
+                    if not isinstance(lx, list) or len(lx) != 2:
+                        raise BadContribution("bad_data", "lx: expected [at, seconds]")
+                    _finite(lx[0], "lx")
+                    _finite(lx[1], "lx", lo=0.0)
         for o in doc["open"].values():
             if not isinstance(o, list) or len(o) != 2:
                 raise BadContribution("bad_data", "open: expected [until, hold]")
@@ -285,6 +295,11 @@ class SharedSync:
                     ev = e.get("ev", [])
                     for k in range(0, len(ev), 3):  # a clock ahead of ours: ended now, not later
                         a.ended.append((min(now, ev[k] - self.offset), float(ev[k + 1]), int(ev[k + 2])))
+                    lx = e.get("lx")
+                    if lx is not None:
+                        x = (min(now, lx[0] - self.offset), float(lx[1]))
+                        if a.exact is None or x[0] > a.exact[0]:
+                            a.exact = x
             for key, (until_w, hold_w) in doc["open"].items():
                 if key not in self.candidates:
                     continue
@@ -369,7 +384,7 @@ class SharedSync:
                 s.ttft.set_remote({i: w * d for i, w in a.ttft.items()}, t)
                 s.total.set_remote({i: w * d for i, w in a.total.items()}, t)
                 s.set_remote_outcomes(a.succ * d, a.fail * d, t)
-                fb.evidence(c).set_remote(a.ended)
+                fb.evidence(c).set_remote(a.ended, a.exact)
                 yield
         self.remote_candidates = remote
         first = next(iter(self.lanes.values()))

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hedge.catalog import Catalog
@@ -289,6 +289,9 @@ attempts = st.lists(
 
 @settings(max_examples=100, deadline=None)
 @given(attempts)
+# found by CI's fresh example database: an answer followed by n cancellations on one instance left the
+# window, and its peers never heard of it (the latest exact answer now travels on its own, "lx")
+@example([(1.0, 1.0, False, 0)] + [(1.0, 1.0, True, 0)] * 8)
 def test_the_merged_evidence_of_any_split_equals_the_whole_streams(
     drawn: list[tuple[float, float, bool, int]],
 ) -> None:
