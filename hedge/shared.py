@@ -25,6 +25,14 @@ beside it (`set_remote`) and replaced wholesale on every sync, so a peer's sampl
 however often they are re-read, and vanish when the peer does. Adopted breaker openings are remembered
 and not re-published, so a closed breaker is not re-opened by its own echo.
 
+* Responses API affinity (response id -> owning provider, hedge/affinity.py): each document carries
+  the ids the instance recorded itself within the last `affinity_window_s` (the newest
+  `AFFINITY_SHARE_MAX`), with their creation time (key ``aff``, absent from older peers' documents).
+  A reader installs them into its map's separate remote part (`AffinityMap.adopt`), which is never
+  re-published and is bounded and aged like the local part; a peer's ids stay after the peer leaves
+  (the response lives at the provider, not at the instance). A reader that syncs at least once per
+  window sees every id a peer made, unless a peer made more than `AFFINITY_SHARE_MAX` in one window.
+
 Not shared (each instance keeps its own): attempts in flight (the policy's censored-at-their-age
 evidence: a peer's would be stale by up to a sync interval, and their outcome arrives as an ended
 attempt anyway), exploration, the hedge budget (each instance's budget ratio already bounds the
@@ -49,17 +57,25 @@ from typing import Any
 
 import orjson
 
+from .affinity import AffinityMap
 from .catalog import Candidate
 from .feedback import Feedback
 from .policy import EVIDENCE_N, Ended
 
-__all__ = ["FORMAT", "MAX_BLOB_BYTES", "BadContribution", "SharedSync"]
+__all__ = ["AFFINITY_SHARE_MAX", "FORMAT", "MAX_BLOB_BYTES", "BadContribution", "SharedSync"]
 
 FORMAT = 1
 """Version of the published document; a peer on another version is ignored (counted as a mismatch)."""
 
 MAX_BLOB_BYTES = 4 << 20
 """A contribution larger than this is not parsed (a wrong or hostile value must not exhaust memory)."""
+
+
+AFFINITY_SHARE_MAX = 4096
+"""Response ids per published document at most (the newest): ~300 KB of JSON in the worst case."""
+
+MAX_ID_CHARS = 256
+"""A peer's response id or provider name longer than this makes its document bad data."""
 
 
 class BadContribution(ValueError):
@@ -125,6 +141,19 @@ def _check_ended(flat: Any) -> None:
             raise BadContribution("bad_data", "ev: censored must be 0 or 1")
 
 
+def _check_affinity(flat: Any) -> None:
+    """A flat [response id, provider, created (wall), ...] list of at most `AFFINITY_SHARE_MAX` ids."""
+    if not isinstance(flat, list) or len(flat) % 3 or len(flat) > 3 * AFFINITY_SHARE_MAX:
+        raise BadContribution(
+            "bad_data", f"aff: expected a flat [id, provider, t, ...] list, <= {AFFINITY_SHARE_MAX}"
+        )
+    for k in range(0, len(flat), 3):
+        for x in flat[k : k + 2]:
+            if not isinstance(x, str) or not 0 < len(x) <= MAX_ID_CHARS:
+                raise BadContribution("bad_data", "aff: ids and providers must be short strings")
+        _finite(flat[k + 2], "aff")
+
+
 def _add_weights(into: dict[int, float], flat: list[Any], f: float) -> None:
     get = into.get
     for k in range(0, len(flat), 2):
@@ -148,6 +177,8 @@ class SharedSync:
         *,
         clock: Callable[[], float],
         wall: Callable[[], float],
+        affinity: AffinityMap[str] | None = None,
+        affinity_window_s: float = 30.0,
     ) -> None:
         if not lanes:
             raise ValueError("need at least one feedback lane")
@@ -162,6 +193,9 @@ class SharedSync:
         self._shape = list(probe.shape()) if probe is not None else []
         self._adopted: dict[str, float] = {}  # candidate key -> the opening we adopted (not re-published)
         self.remote_candidates = 0  # candidates with a peer contribution after the last absorb
+        self.affinity = affinity  # response id -> provider (Responses API), shared when given
+        self.affinity_window_s = affinity_window_s  # ids recorded this recently are published
+        self._providers = {c.provider.name for c in candidates}
 
     # ---------------------------------------------------------------------------------- publish
 
@@ -199,7 +233,7 @@ class SharedSync:
                     continue  # closed, half-open, or a peer's opening we only adopted
                 hold = b.hold_until
                 opens[key] = [until + off, hold + off if hold is not None and hold > now else None]
-        return {
+        doc: dict[str, Any] = {
             "v": FORMAT,
             "id": self.instance_id,
             "t": now + off,
@@ -208,6 +242,12 @@ class SharedSync:
             "lanes": lanes,
             "open": opens,
         }
+        if self.affinity is not None:
+            aff: list[Any] = []
+            for rid, created, owner in self.affinity.recent(now - self.affinity_window_s, AFFINITY_SHARE_MAX):
+                aff += (rid, owner, created + off)
+            doc["aff"] = aff
+        return doc
 
     def publish(self, now: float) -> bytes:
         """`contribution` serialised (JSON: small, readable with redis-cli, no schema compiler)."""
@@ -265,6 +305,7 @@ class SharedSync:
             _finite(o[0], "open")
             if o[1] is not None:
                 _finite(o[1], "hold")
+        _check_affinity(doc.get("aff", []))
 
     def merge(
         self, docs: Iterable[dict[str, Any]], now: float
@@ -347,7 +388,25 @@ class SharedSync:
         acc, opens = self.merge(docs, now)
         yield
         yield from self.install_steps(acc, opens, now)
+        yield from self.adopt_ids(docs)
         out.append((len(docs), bad))
+
+    def adopt_ids(self, docs: Iterable[dict[str, Any]]) -> Iterator[None]:
+        """Install the peers' response ids into the affinity map's remote part (ids of a provider this
+        instance does not know are skipped: it could not reach them). Yields every 1024 ids."""
+        aff = self.affinity
+        if aff is None:
+            return
+        off, known = self.offset, self._providers
+        n = 0
+        for doc in docs:
+            flat = doc.get("aff", [])
+            for k in range(0, len(flat), 3):
+                if flat[k + 1] in known:
+                    aff.adopt(flat[k], flat[k + 1], flat[k + 2] - off)
+                n += 1
+                if n % 1024 == 0:
+                    yield
 
     def install(
         self,

@@ -42,6 +42,7 @@ from .feedback import Feedback
 from .shared import SharedSync
 
 if TYPE_CHECKING:
+    from .affinity import AffinityMap
     from .proxy import Proxy
 
 log = logging.getLogger("hedge.shared")
@@ -127,12 +128,16 @@ class RedisShared:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         instance_id: str | None = None,
+        affinity: AffinityMap[str] | None = None,
     ) -> None:
         self.cfg = cfg
         self.clock = clock
         self.wall = wall
         self.instance_id = instance_id or new_instance_id()
-        self.sync = SharedSync(lanes, candidates, self.instance_id, clock=clock, wall=wall)
+        self.sync = SharedSync(
+            lanes, candidates, self.instance_id, clock=clock, wall=wall, affinity=affinity,
+            affinity_window_s=cfg.forget_after_s,
+        )  # fmt: skip
         self.metrics = SharedMetrics(registry)
         self.interval = cfg.sync_interval_ms / 1000
         self.timeout = cfg.timeout_ms / 1000
@@ -163,6 +168,7 @@ class RedisShared:
             proxy.catalog.all_candidates(),
             proxy.metrics.registry,
             clock=proxy.clock,
+            affinity=proxy.affinity,
             **kw,
         )
 

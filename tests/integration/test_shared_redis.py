@@ -426,3 +426,46 @@ async def test_the_fleet_load_scenario_runs_end_to_end() -> None:
     assert row["mode"] == "shared" and row["requests"] == 30 and row["failed"] == 0
     assert row["before_p50_ms"] > 0 and row["after_p99_ms"] >= row["after_p50_ms"]
     assert "| shared | 30 | 0 |" in render(opts, [row])
+
+
+async def test_a_response_made_through_a_is_continued_and_read_through_b(
+    redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    """Responses API affinity is shared: after one sync, B sends a continuation of a response A created
+    to its owning provider (though another would answer sooner), and B's GET of it reaches the owner."""
+    async with sims(("p1", Behaviour(tokens=2)), ("p2", Behaviour(ttft=5.0, tokens=2))) as ps:
+        raw = shared_raw(ps, redis_server.url)
+        async with run_proxy(raw) as a, run_proxy(raw) as b:
+            sa, sb = attach(a, "A"), attach(b, "B")
+            timeout = aiohttp.ClientTimeout(total=20)
+            try:
+                body = {"model": "gammainfra/fast", "input": "hi", "stream": False}
+                async with http.post(a.url + "/v1/responses", json=body, timeout=timeout) as r:
+                    assert r.status == 200
+                    rid = (await r.json())["id"]
+                assert a.proxy.affinity.lookup(rid) == "p1" and b.proxy.affinity.lookup(rid) is None
+                async with http.get(b.url + f"/v1/responses/{rid}", timeout=timeout) as r:
+                    assert r.status == 404  # before the sync, B cannot know it
+                # one sync interval: A's round publishes, B's round installs A's ids
+                assert await sa.sync_once() and await sb.sync_once()
+                assert b.proxy.affinity.lookup(rid) == "p1" and b.proxy.affinity.remote_size == 1
+                # now p1 is the slow one: an unpinned request would go to p2, the continuation may not
+                ps["p1"].behaviour = Behaviour(ttft=0.3, tokens=2)
+                ps["p2"].behaviour = Behaviour(tokens=2)
+                p2_before = len(ps["p2"].records)
+                more = {**body, "input": "more", "previous_response_id": rid}
+                async with http.post(b.url + "/v1/responses", json=more, timeout=timeout) as r:
+                    assert r.status == 200
+                    assert r.headers["X-GammaInfra-Endpoint"].endswith("@p1")
+                    second = await r.json()
+                assert second["previous_response_id"] == rid
+                assert ps["p1"].records[-1].body["previous_response_id"] == rid
+                assert len(ps["p2"].records) == p2_before  # never raced
+                async with http.get(b.url + f"/v1/responses/{rid}", timeout=timeout) as r:
+                    assert r.status == 200 and (await r.json())["id"] == rid
+                # B's own new id is B's to publish, and A learns it at the next sync
+                assert await sb.sync_once() and await sa.sync_once()
+                assert a.proxy.affinity.lookup(second["id"]) == "p1"
+            finally:
+                await sa.close()
+                await sb.close()

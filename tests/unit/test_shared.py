@@ -15,12 +15,13 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from hedge.affinity import AffinityConfig, AffinityMap
 from hedge.catalog import Catalog
 from hedge.config import ConfigError, parse_config
 from hedge.feedback import Feedback
 from hedge.health import BreakerState, CircuitBreaker
 from hedge.race import Failure, FailureKind
-from hedge.shared import SharedSync
+from hedge.shared import AFFINITY_SHARE_MAX, SharedSync
 from hedge.stats import CandidateStats, DecayingHistogram
 
 from ..conftest import raw_config
@@ -401,3 +402,63 @@ def test_a_merge_in_slices_stays_exact_while_requests_record_in_between() -> Non
         peer = sum(s_a.ttft.local_weights(now).values())
         assert math.isclose(s_b.ttft.weight(now), mine + peer, rel_tol=1e-9)
         assert math.isclose(peer, 6 * 2 ** (-(now - 100.0) / HL), rel_tol=1e-9)
+
+
+def test_response_ids_travel_to_peers_once_and_are_never_echoed() -> None:
+    """A's recent ids reach B's remote part; B does not re-publish them; a local DELETE forgets both
+    parts; ids older than the window are not published; a document without ``aff`` (an older peer)
+    is fine, and a bad ``aff`` drops the peer."""
+    clock = [1000.0]
+    aff_a: AffinityMap[str] = AffinityMap(AffinityConfig(max_entries=100, max_age_s=3600), lambda: clock[0])
+    bclock = [0.0]
+    aff_b: AffinityMap[str] = AffinityMap(AffinityConfig(max_entries=100, max_age_s=3600), lambda: bclock[0])
+    cfg = parse_config(raw_config({"a": "http://127.0.0.1:1", "b": "http://127.0.0.1:2"}))
+    cands = Catalog(cfg).all_candidates()
+    a = SharedSync(
+        _lanes(cfg), cands, "A", clock=lambda: clock[0], wall=lambda: clock[0] + 5e8,
+        affinity=aff_a, affinity_window_s=30.0,
+    )  # fmt: skip
+    b = SharedSync(
+        _lanes(cfg), cands, "B", clock=lambda: bclock[0], wall=lambda: bclock[0] + 5e8 + 1000.0,
+        affinity=aff_b, affinity_window_s=30.0,
+    )  # fmt: skip
+    aff_a.remember("resp_old", "a")
+    clock[0] += 40.0  # older than the window by the next publication
+    aff_a.remember("resp_1", "a")
+    aff_a.remember("resp_2", "b")
+    aff_a.remember("resp_gone", "nowhere")  # a provider B does not know: skipped there
+    doc = orjson.loads(a.publish(clock[0]))
+    assert doc["aff"][0::3] == ["resp_1", "resp_2", "resp_gone"]
+    bclock[0] = 40.0
+    assert b.absorb([a.publish(clock[0])], bclock[0]) == (1, {})
+    assert aff_b.lookup("resp_1") == "a" and aff_b.lookup("resp_2") == "b"
+    assert aff_b.lookup("resp_old") is None and aff_b.lookup("resp_gone") is None
+    assert aff_b.remote_size == 2 and len(aff_b) == 0
+    assert orjson.loads(b.publish(bclock[0]))["aff"] == []  # a peer's ids are never re-published
+    b.absorb([a.publish(clock[0])], bclock[0])  # read again: installed once
+    assert aff_b.adopted == 2
+    assert aff_b.forget("resp_1") == "a" and aff_b.lookup("resp_1") is None
+    # the remote part ages on this clock from the creation time the peer published
+    bclock[0] += 3600.5
+    assert aff_b.lookup("resp_2") is None
+    # an older peer's document without "aff" merges; a bad "aff" drops the whole peer
+    old = orjson.loads(a.publish(clock[0]))
+    del old["aff"]
+    assert b.absorb([orjson.dumps(old)], bclock[0]) == (1, {})
+    for bad in (["resp_x", "a"], ["resp_x", 3, 1.0], ["", "a", 1.0], ["r", "a", float("nan")], "x"):
+        d = {**old, "aff": bad}
+        assert b.absorb([orjson.dumps(d)], bclock[0])[1] == {"bad_data": 1}
+
+
+def test_a_published_document_holds_at_most_the_newest_ids() -> None:
+    clock = [0.0]
+    aff: AffinityMap[str] = AffinityMap(AffinityConfig(max_entries=10 * AFFINITY_SHARE_MAX), lambda: clock[0])
+    cfg = parse_config(raw_config({"a": "http://127.0.0.1:1"}))
+    s = SharedSync(_lanes(cfg), Catalog(cfg).all_candidates(), "A", clock=lambda: clock[0],
+                   wall=lambda: clock[0], affinity=aff)  # fmt: skip
+    for i in range(AFFINITY_SHARE_MAX + 10):
+        aff.remember(f"resp_{i}", "a")
+    ids = orjson.loads(s.publish(0.0))["aff"][0::3]
+    assert (
+        len(ids) == AFFINITY_SHARE_MAX and ids[-1] == f"resp_{AFFINITY_SHARE_MAX + 9}" and ids[0] == "resp_10"
+    )
