@@ -12,74 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from .errors import ApiError
+from .request import CHARS_PER_TOKEN
+from .request import _bad as _bad
+from .request import bool_field as _flag
+from .request import json_object as _object
+from .request import positive_int_field as _positive_int
+from .request import required_model as _model
+from .request import stream_usage as _stream_usage
 
 # OpenAI's own limit on the number of inputs in one embeddings request; a model may set a lower one.
 MAX_EMBEDDING_INPUTS = 2048
-CHARS_PER_TOKEN = 4  # the same rough estimate as request.py, for wasted-attempt costs only
-
-
-def _bad(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
-    return ApiError(400, message, param=param, code=code)
-
-
-def _object(raw: bytes | bytearray) -> dict[str, Any]:
-    if not raw:
-        raise _bad("The request body is empty; expected a JSON object.", None, "invalid_json")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise _bad(
-            f"The request body is not valid JSON: {e.msg} (at byte {e.pos}).", None, "invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise _bad("The request body must be a JSON object.", None, "invalid_json")
-    return body
-
-
-def _model(body: dict[str, Any]) -> str:
-    model = body.get("model")
-    if model is None:
-        raise _bad("Missing required parameter: 'model'.", "model", "missing_required_parameter")
-    if not isinstance(model, str) or not model:
-        raise _bad("'model' must be a non-empty string.", "model", "invalid_type")
-    return model
-
-
-def _flag(body: dict[str, Any], key: str) -> bool:
-    v = body.get(key, False)
-    if v is None:
-        return False
-    if not isinstance(v, bool):
-        raise _bad(f"'{key}' must be a boolean.", key, "invalid_type")
-    return v
-
-
-def _positive_int(body: dict[str, Any], key: str) -> int | None:
-    v = body.get(key)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise _bad(f"'{key}' must be an integer.", key, "invalid_type")
-    if v < 1:
-        raise _bad(f"'{key}' must be at least 1.", key)
-    return v
-
-
-def _stream_usage(body: dict[str, Any], stream: bool) -> bool:
-    so = body.get("stream_options")
-    if so is None:
-        return False
-    if not isinstance(so, dict):
-        raise _bad("'stream_options' must be an object.", "stream_options", "invalid_type")
-    if not stream:
-        raise _bad("'stream_options' is only allowed when 'stream' is true.", "stream_options")
-    iu = so.get("include_usage", False)
-    if not isinstance(iu, bool):
-        raise _bad("'stream_options.include_usage' must be a boolean.", "stream_options.include_usage")
-    return iu
 
 
 def _text_chars(value: Any) -> int:

@@ -45,6 +45,71 @@ def _bad(message: str, param: str | None, code: str = "invalid_value") -> ApiErr
     return ApiError(400, message, param=param, code=code)
 
 
+# Field checks shared by every API's parser (here for chat, hedge/apirequests.py for the others), so
+# the same mistake gets the same OpenAI error whichever endpoint it was sent to.
+
+
+def json_object(raw: bytes | bytearray) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 `invalid_json`."""
+    if not raw:
+        raise _bad("The request body is empty; expected a JSON object.", None, "invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise _bad(
+            f"The request body is not valid JSON: {e.msg} (at byte {e.pos}).", None, "invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise _bad("The request body must be a JSON object.", None, "invalid_json")
+    return body
+
+
+def required_model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if model is None:
+        raise _bad("Missing required parameter: 'model'.", "model", "missing_required_parameter")
+    if not isinstance(model, str) or not model:
+        raise _bad("'model' must be a non-empty string.", "model", "invalid_type")
+    return model
+
+
+def bool_field(body: dict[str, Any], key: str) -> bool:
+    """An optional boolean (null = false)."""
+    v = body.get(key, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise _bad(f"'{key}' must be a boolean.", key, "invalid_type")
+    return v
+
+
+def positive_int_field(body: dict[str, Any], key: str) -> int | None:
+    """An optional integer >= 1."""
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad(f"'{key}' must be an integer.", key, "invalid_type")
+    if v < 1:
+        raise _bad(f"'{key}' must be at least 1.", key)
+    return v
+
+
+def stream_usage(body: dict[str, Any], stream: bool) -> bool:
+    """`stream_options.include_usage`: only with `stream`, and a boolean."""
+    so = body.get("stream_options")
+    if so is None:
+        return False
+    if not isinstance(so, dict):
+        raise _bad("'stream_options' must be an object.", "stream_options", "invalid_type")
+    if not stream:
+        raise _bad("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+    iu = so.get("include_usage", False)
+    if not isinstance(iu, bool):
+        raise _bad("'stream_options.include_usage' must be a boolean.", "stream_options.include_usage")
+    return iu
+
+
 def _content_chars(content: Any) -> int:
     if isinstance(content, str):
         return len(content)
@@ -60,22 +125,8 @@ def _content_chars(content: Any) -> int:
 def parse_chat_request(raw: bytes | bytearray, *, max_messages: int | None = None) -> ChatRequest:
     """Parse and validate; `max_messages` bounds the conversation length (hedge/body.py bounds the
     JSON as a whole before this parse)."""
-    if not raw:
-        raise _bad("The request body is empty; expected a JSON object.", None, "invalid_json")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise _bad(
-            f"The request body is not valid JSON: {e.msg} (at byte {e.pos}).", None, "invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise _bad("The request body must be a JSON object.", None, "invalid_json")
-
-    model = body.get("model")
-    if model is None:
-        raise _bad("Missing required parameter: 'model'.", "model", "missing_required_parameter")
-    if not isinstance(model, str) or not model:
-        raise _bad("'model' must be a non-empty string.", "model", "invalid_type")
+    body = json_object(raw)
+    model = required_model(body)
 
     messages = body.get("messages")
     if messages is None:
@@ -108,34 +159,13 @@ def parse_chat_request(raw: bytes | bytearray, *, max_messages: int | None = Non
             )
         chars += _content_chars(content)
 
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _bad("'stream' must be a boolean.", "stream", "invalid_type")
-
+    stream = bool_field(body, "stream")
     max_tokens: int | None = None
     for key in ("max_completion_tokens", "max_tokens"):
-        v = body.get(key)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise _bad(f"'{key}' must be an integer.", key, "invalid_type")
-        if v < 1:
-            raise _bad(f"'{key}' must be at least 1.", key, "invalid_value")
-        max_tokens = v if max_tokens is None else max(max_tokens, v)
-
-    wants_usage = False
-    so = body.get("stream_options")
-    if so is not None:
-        if not isinstance(so, dict):
-            raise _bad("'stream_options' must be an object.", "stream_options", "invalid_type")
-        if not stream:
-            raise _bad("'stream_options' is only allowed when 'stream' is true.", "stream_options")
-        iu = so.get("include_usage", False)
-        if not isinstance(iu, bool):
-            raise _bad("'stream_options.include_usage' must be a boolean.", "stream_options.include_usage")
-        wants_usage = iu
+        v = positive_int_field(body, key)
+        if v is not None:
+            max_tokens = v if max_tokens is None else max(max_tokens, v)
+    wants_usage = stream_usage(body, stream)
 
     return ChatRequest(
         body=body,
