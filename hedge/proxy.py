@@ -1,18 +1,13 @@
-"""The request path: run a `Race` with real upstream attempts and move the winner's bytes.
+"""The HTTP edge of the request path: from an aiohttp request to a race, and from its winner to bytes.
 
-The flow is in docs/design.md, "The request path".
+The flow is in docs/design.md, "The request path". Read `serve_api` top to bottom: check the head, read
+and parse the body, resolve the route, order the candidates, run one `RaceCycle` (hedge/cycle.py, which
+owns the race, its attempts and their booking), and answer with the winner: its JSON body, or its stream
+from the first token, forwarded as whole events (`forward.StreamForwarder` decides what to write; here
+is only the I/O around it).
 
-This module is the I/O edge. Decisions come from `race.Race` (launch/commit/cancel) and `feedback`
-(order, delay, budget); here we only open connections, read until a first token, cancel, and copy bytes.
-
-Every API (chat, Responses, legacy completions, embeddings) takes the same race path; what differs is
-a `Dialect` (hedge/dialects.py: which event is a first token, which JSON body is valid, where the usage
-and the stream's end are) carried by the request's `Call`. Streams after the win are copied chunk by
-chunk. The only look at them is event-aligned and cheap: we forward whole SSE events (holding back a
-partial event until its end arrives, so the bytes are the upstream's own, in order), look for the usage
-with a substring search per chunk (to compute the cost and to strip a usage event the caller did not
-ask for), and put the cost comment line at the stream's end (`dialects.end_at`: before `data: [DONE]`,
-or after a Responses terminal event).
+Every API (chat, Responses, legacy completions, embeddings) takes this one path; what differs is a
+`Dialect` (hedge/dialects.py) carried by the request's `Call` (hedge/attempt.py).
 
 Responses state lives at one provider: the winner's response id is recorded (`affinity`), requests that
 continue a response go to its owner unhedged, and GET/DELETE/cancel/input_items are passed to it.
@@ -23,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
 
 import aiohttp
 import orjson
@@ -40,6 +33,7 @@ from .apirequests import (
     parse_responses_request,
 )
 from .apisupport import API_PATHS, ApiSupport, api_url, model_apis
+from .attempt import RESPONSE_LIMIT, AttemptResult, Attempts, Call
 from .auth import KeyChecker
 from .autoroute import choose_chain, classify
 from .body import (
@@ -50,93 +44,20 @@ from .body import (
     read_body,
 )
 from .catalog import Candidate, Catalog, Plan
-from .dialects import (
-    CHAT,
-    COMPLETIONS,
-    DIALECTS,
-    DONE_MARK,
-    EMBEDDINGS,
-    RESPONSES,
-    TOKEN,
-    Dialect,
-    StreamDetector,
-    StreamError,
-    Usage,
-    end_at,
-    event_cut,
-    insert_cost,
-    parse_json_body,
-    split_events,
-    take_usage,
-)
+from .clock import LoopTimer, Timer
+from .cycle import RaceCycle, provider_rejection
+from .dialects import CHAT, COMPLETIONS, DIALECTS, EMBEDDINGS, RESPONSES, Dialect, split_events
 from .errors import ApiError, NoCandidates, sse_error_event
 from .feedback import DEFAULT_EAGERNESS, Feedback, Order
-from .http_errors import error_response
+from .forward import StreamForwarder, cost_header
 from .metrics import Metrics
-from .race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Reject
+from .race import Failure, FailureKind
 from .request import ChatRequest, parse_chat_request, parse_cost_quality, parse_preference
-from .secrets import MIN_SECRET_LEN, REDACTED, Scrubber
+from .secrets import MIN_SECRET_LEN, Scrubber
 from .strategy import get as get_strategy
-from .upstream import Response, UpstreamClient, UpstreamError, UpstreamTimeout, make_client
+from .upstream import UpstreamClient, UpstreamError, UpstreamTimeout, make_client
 
 log = logging.getLogger("hedge.proxy")
-
-ERROR_BODY_LIMIT = 64 * 1024
-RESPONSE_LIMIT = 64 * 1024 * 1024
-PENDING_LIMIT = 1 << 20
-USAGE_HINT = b'"usage"'  # in every usage marker take_usage knows (with or without a space)
-LACKS_API = "lacks_api"  # the failure reason of an attempt whose provider has no such path (404/405)
-
-
-@dataclass(slots=True)
-class Call:
-    """One request to race, whatever its API: all `_serve` needs to know about it."""
-
-    dialect: Dialect
-    body: dict[str, Any]
-    stream: bool
-    strip_usage: bool  # a chat-like stream: we ask for the usage event, and cut it out again
-    wasted_tokens: int  # the prompt estimate a cancelled attempt is billed for
-    pinned: bool = False  # state at one provider: one attempt, no hedge (Responses continuation/background)
-
-    @property
-    def api(self) -> str:
-        return self.dialect.name
-
-
-@dataclass(slots=True)
-class AttemptResult:
-    """What an attempt task returns: a first token (resp + bytes so far) or a failure."""
-
-    failure: Failure | None = None
-    resp: Response | None = None
-    chunks: list[bytes] | None = None
-    parsed: dict[str, Any] | None = None  # non-streaming body
-    error_body: bytes = b""
-    first_at: float = 0.0
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    v = headers.get("Retry-After")
-    if not v:
-        return None
-    try:
-        return max(0.0, float(v))
-    except ValueError:
-        return None  # an HTTP-date: rare from LLM APIs; the breaker's own backoff applies
-
-
-def classify_status(status: int, headers: Mapping[str, str]) -> Failure:
-    """408/409/429/5xx (and 401/403/404: *our* provider key or model id is wrong, not the caller's
-    request) try the next candidate; other 4xx are the caller's fault and are returned as they are."""
-    reason = f"http_{status}"
-    if status in (401, 403, 404, 408, 409, 429) or status >= 500 or status < 400:
-        return Failure(FailureKind.RETRYABLE, reason, status, retry_after_seconds(headers))
-    return Failure(FailureKind.CALLER, reason, status)
-
-
-def cost_header(cost: float) -> str:
-    return f"{cost:.10f}"
 
 
 class Proxy:
@@ -150,7 +71,8 @@ class Proxy:
         metrics: Metrics | None = None,
         upstream: UpstreamClient | None = None,
         api_keys: tuple[str, ...] = (),
-        clock=time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
+        timer: Timer | None = None,
     ) -> None:
         self.catalog = catalog
         self.config = catalog.config
@@ -162,6 +84,7 @@ class Proxy:
         self.upstream = upstream
         self.keys = KeyChecker(api_keys)
         self.clock = clock
+        self.timer = timer if timer is not None else LoopTimer(clock)  # the hedge timer, on `clock`
         self.scrub = Scrubber.from_providers(self.config.providers.values())
         self.inflight = 0
         self.shutting_down = False  # set by server.drain just before it cancels what is still running
@@ -190,7 +113,9 @@ class Proxy:
             AffinityConfig(ac.affinity_max_entries, ac.affinity_max_age_s), clock=clock
         )
         self._state_client: aiohttp.ClientSession | None = None  # GET/DELETE/... /v1/responses/{id}
-        self.tasks: set[asyncio.Task] = set()  # live attempt tasks, for leak tests
+        gauge = self.metrics.inflight_attempts.labels
+        self.attempts = Attempts(upstream, self._urls, self._headers, self.api_support, clock, gauge)
+        self.tasks: set[asyncio.Task[AttemptResult]] = set()  # live attempt tasks, for leak tests
         m = self.metrics
         for route in self.config.routes.values():
             # every dashboard series exists from start-up, at 0, instead of "No data" until it first moves
@@ -228,14 +153,47 @@ class Proxy:
         return await self.serve_api(request, COMPLETIONS)
 
     async def serve_api(self, request: web.Request, dialect: Dialect) -> web.StreamResponse:
-        """One POST of any API. Every request is counted in hedge_requests_total, those refused
-        before a route is known (auth, body, unknown model) under route "-", so that a model name
+        """One POST of any API, top to bottom. Every request is counted in hedge_requests_total, those
+        refused before a route is known (auth, body, unknown model) under route "-", so that a model name
         made up by a caller never becomes a label."""
         t_in = self.clock()
-        route = ["-"]  # the label, set once the model resolves
-        code = "200"
+        route, code = "-", "200"
         try:
-            resp = await self._handle(request, dialect, t_in, route)
+            key_id, encoding = self.precheck(request)
+            sc = self.config.server
+            # the body is read (bounded in size, time and decoded size) and parsed before the request
+            # takes a concurrency slot: a slow upload holds a connection, never a slot
+            decoder = BodyDecoder(encoding, sc.max_body_bytes, sc.max_json_items)  # bounds the JSON shape
+            raw = await read_body(request.content, decoder, sc.body_timeout_s)
+            call, model, req, rreq = self._parse(dialect, raw)
+            del raw
+            if self.inflight >= sc.max_concurrency:
+                raise ApiError(
+                    503, "The gateway is at its concurrency limit; retry shortly.", code="overloaded",
+                    headers={"Retry-After": "1"},
+                )  # fmt: skip
+            plan = self.catalog.resolve(model)
+            route = plan.name
+            dial = parse_cost_quality(request.headers.get("X-GammaInfra-Cost-Quality"))
+            pref = parse_preference(request.headers.get("X-GammaInfra-Preference"), self._known_prefs)
+            cands, task = self._candidates(plan, call, req, dial)
+            owner = self._owner(rreq, cands, model)
+            self.inflight += 1
+            self.metrics.inflight_requests.inc()
+            if key_id is not None:
+                self.metrics.key_requests.labels(key_id).inc()
+            try:
+                order = self._order(plan, call, cands, owner, pref)
+                cycle = RaceCycle(
+                    call, plan, order, lane=self.lane(call.stream),
+                    eagerness=DEFAULT_EAGERNESS if dial is None else dial, attempts=self.attempts,
+                    metrics=self.metrics, timer=self.timer, clock=self.clock, scrub=self.scrub,
+                    live=self.tasks, t_in=t_in,
+                )  # fmt: skip
+                resp = await self._serve(request, cycle, key_id, task)
+            finally:
+                self.inflight -= 1
+                self.metrics.inflight_requests.dec()
             code = str(resp.status)
             return resp
         except ApiError as e:
@@ -248,7 +206,42 @@ class Proxy:
             code = "499"
             raise
         finally:
-            self.metrics.requests.labels(route[0], code, dialect.name).inc()
+            self.metrics.requests.labels(route, code, dialect.name).inc()
+
+    def _candidates(
+        self, plan: Plan, call: Call, req: ChatRequest | None, dial: float | None
+    ) -> tuple[tuple[Candidate, ...], str | None]:
+        """The plan's candidates that can take this request, and the auto route's task class."""
+        cands = self._serving(plan, call.api)
+        if req is None:
+            return cands, None
+        task = classify(req) if get_strategy(plan.strategy).classifies else None
+        return self._fit(plan, req, dial, task, cands), task
+
+    def _owner(
+        self, rreq: ResponsesRequest | None, cands: tuple[Candidate, ...], model: str
+    ) -> Candidate | None:
+        """The candidate holding the parent of a Responses continuation (never a guess: an unknown id
+        is a 404), or None for a request that continues nothing."""
+        if rreq is None or rreq.previous_response_id is None:
+            return None
+        owner = owner_or_404(self.affinity, rreq.previous_response_id, "previous_response_id")
+        return pin(cands, owner, model)
+
+    def _order(
+        self,
+        plan: Plan,
+        call: Call,
+        cands: tuple[Candidate, ...],
+        owner: Candidate | None,
+        pref: tuple[str, ...],
+    ) -> Order:
+        """Who runs first, then next: the owner of a response's state alone, else the lane's order (the
+        best one alone for a background response)."""
+        if owner is not None:
+            return Order((owner,))
+        order = self.lane(call.stream).order(plan, self.clock(), pref, cands)
+        return Order(order.candidates[:1]) if call.pinned else order
 
     async def response_state(self, request: web.Request) -> web.StreamResponse:
         """GET/DELETE /v1/responses/{id}, POST .../cancel, GET .../input_items: passed to the provider
@@ -302,7 +295,7 @@ class Proxy:
             self.affinity.forget(rid)  # gone there, so gone here: the id answers our own 404 from now on
         if status != 200:
             failed = Failure(FailureKind.CALLER, f"http_{status}", status)
-            return self._reject(AttemptResult(failure=failed, error_body=body))
+            raise provider_rejection(AttemptResult(failure=failed, error_body=body), self.scrub)
         return web.Response(
             body=body, status=200, content_type=ctype or "application/json",
             headers={"X-GammaInfra-Endpoint": f"responses@{owner}"},
@@ -343,55 +336,6 @@ class Proxy:
         call = Call(COMPLETIONS, cr.body, cr.stream, cr.stream and not cr.wants_usage,
                     cr.prompt_tokens_estimate)  # fmt: skip
         return call, cr.model, None, None
-
-    async def _handle(
-        self, request: web.Request, dialect: Dialect, t_in: float, route: list[str]
-    ) -> web.StreamResponse:
-        key_id, encoding = self.precheck(request)
-        sc = self.config.server
-        # the body is read (bounded in size, time and decoded size) and parsed before the request takes a
-        # concurrency slot: a slow upload holds a connection, never a slot
-        decoder = BodyDecoder(encoding, sc.max_body_bytes, sc.max_json_items)  # also bounds the JSON shape
-        raw = await read_body(request.content, decoder, sc.body_timeout_s)
-        call, model, req, rreq = self._parse(dialect, raw)
-        del raw
-        if self.inflight >= sc.max_concurrency:
-            raise ApiError(
-                503,
-                "The gateway is at its concurrency limit; retry shortly.",
-                code="overloaded",
-                headers={"Retry-After": "1"},
-            )
-        plan = self.catalog.resolve(model)
-        route[0] = plan.name
-        dial = parse_cost_quality(request.headers.get("X-GammaInfra-Cost-Quality"))
-        pref = parse_preference(request.headers.get("X-GammaInfra-Preference"), self._known_prefs)
-        cands = self._serving(plan, call.api)
-        task = None
-        if req is not None:
-            task = classify(req) if get_strategy(plan.strategy).classifies else None
-            cands = self._fit(plan, req, dial, task, cands)
-        owner_cand: Candidate | None = None
-        if rreq is not None and rreq.previous_response_id is not None:
-            # the parent lives at one provider: go there (never a guess; an unknown id is a 404)
-            owner = owner_or_404(self.affinity, rreq.previous_response_id, "previous_response_id")
-            owner_cand = pin(cands, owner, model)
-
-        self.inflight += 1
-        self.metrics.inflight_requests.inc()
-        if key_id is not None:
-            self.metrics.key_requests.labels(key_id).inc()
-        try:
-            if owner_cand is not None:
-                ordered = Order((owner_cand,))
-            else:
-                ordered = self.lane(call.stream).order(plan, self.clock(), pref, cands)
-                if call.pinned:  # background: one provider, the best one now
-                    ordered = Order(ordered.candidates[:1])
-            return await self._serve(request, call, plan, ordered, dial, t_in, key_id, task)
-        finally:
-            self.inflight -= 1
-            self.metrics.inflight_requests.dec()
 
     def _serving(self, plan: Plan, api: str) -> tuple[Candidate, ...]:
         """The plan's candidates that serve this API; a clear error when none does."""
@@ -454,117 +398,11 @@ class Proxy:
     # ---------------------------------------------------------------------------------- race
 
     async def _serve(
-        self,
-        request: web.Request,
-        call: Call,
-        plan: Plan,
-        order: Order,
-        dial: float | None,
-        t_in: float,
-        key_id: str | None,
-        task: str | None,
+        self, request: web.Request, cycle: RaceCycle, key_id: str | None, task: str | None
     ) -> web.StreamResponse:
-        now = self.clock()
-        eagerness = DEFAULT_EAGERNESS if dial is None else dial
-        fb = self.lane(call.stream)
-        cands = list(order.candidates)
-        budget = None
-        if call.pinned:  # one provider holds the state: one attempt, no hedge
-            delays = None
-            max_attempts = 1
-        else:
-            delays = fb.delay_policy(plan, order, now, eagerness)
-            if delays is not None:
-                budget = fb.request_budget(plan.route, order)
-                # the route's delay at the default dial
-                self.metrics.hedge_delay.labels(plan.name).set(delays.base_delay(0))
-            max_attempts = plan.route.max_attempts
-        race = Race(len(cands), max_attempts=max_attempts, delays=delays, budget=budget)
-
-        body = call.body
-        if call.strip_usage:
-            body = dict(body)
-            so = dict(body.get("stream_options") or {})
-            so["include_usage"] = True  # we need usage for the cost; the usage event is stripped again
-            body["stream_options"] = so
-        tasks: dict[int, asyncio.Task[AttemptResult]] = {}
-        by_task: dict[asyncio.Task[AttemptResult], int] = {}
-        results: dict[int, AttemptResult] = {}
-        winner: AttemptResult | None = None
-        win_idx = -1
-        outcome: web.StreamResponse | None = None
-        t_launch0 = now
+        """Run the race, then answer with the winner: its JSON body, or its stream from the first token."""
         try:
-            actions = race.start(now)
-            while True:
-                for act in actions:
-                    if isinstance(act, Launch):
-                        c = cands[act.candidate]
-                        if act.reason != "initial":
-                            explored = act.reason == "delay" and act.attempt == 1 and order.explore is c
-                            why = "explore" if explored else act.reason
-                            self.metrics.hedges.labels(plan.name, why).inc()
-                        try:
-                            payload = orjson.dumps({**body, "model": c.upstream_model})
-                        except orjson.JSONEncodeError:  # loads takes any depth, dumps stops at 255
-                            raise ApiError(
-                                400, "The request body nests JSON deeper than 255 levels.",
-                                code="invalid_json",
-                            ) from None  # fmt: skip
-                        fb.on_launch(c, self.clock())
-                        t = asyncio.ensure_future(self._attempt(c, payload, call))
-                        tasks[act.attempt] = t
-                        by_task[t] = act.attempt
-                        self.tasks.add(t)
-                        t.add_done_callback(self.tasks.discard)
-                    elif isinstance(act, Cancel):
-                        for i in act.attempts:
-                            self._cancel(i, tasks, results, race, cands, act.reason, call)
-                    elif isinstance(act, Commit):
-                        win_idx = act.attempt
-                        winner = results[act.attempt]
-                    elif isinstance(act, Reject):
-                        outcome = self._reject(results[act.attempt])
-                    elif isinstance(act, GiveUp):
-                        raise self._give_up(plan, cands, act)
-                if race.budget_refusals:
-                    self.metrics.budget_refusals.labels(plan.name).inc(race.budget_refusals)
-                    race.budget_refusals = 0
-                if winner is not None or outcome is not None:
-                    break
-                dl = race.deadline()
-                timeout = None if dl is None else max(0.0, dl - self.clock())
-                if timeout is None and len(tasks) == 1:
-                    # the common case (one attempt, no hedge timer): await it directly, which spares
-                    # asyncio.wait's per-call future and callbacks; a client cancel cancels it too
-                    (only,) = tasks.values()
-                    await only
-                    done = {only}
-                else:
-                    done, _ = await asyncio.wait(
-                        tasks.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                    )
-                now = self.clock()
-                actions = []
-                for t in done:
-                    i = by_task[t]
-                    del tasks[i]
-                    r = t.result()
-                    results[i] = r
-                    c = cands[i]
-                    att = race.attempts[i]
-                    if r.failure is None:
-                        fb.on_first_token(c, r.first_at - att.launched_at, now, launched_at=att.launched_at)
-                        self.metrics.upstream_ttft.labels(c.provider.name, c.upstream_model).observe(
-                            r.first_at - att.launched_at
-                        )
-                        actions += race.on_first_token(i, now)
-                    else:
-                        fb.on_failure(c, _for_health(r.failure), now, launched_at=att.launched_at)
-                        ended = "rejected" if r.failure.kind is FailureKind.CALLER else "failed"
-                        self._count(c, ended, call.api)
-                        actions += race.on_failure(i, r.failure, now)
-                actions += race.on_timer(now)
+            await cycle.run()
         except asyncio.CancelledError:
             me = asyncio.current_task()
             if not self.shutting_down or me is None:
@@ -575,268 +413,67 @@ class Proxy:
                 headers={"Retry-After": "1"},
             ) from None  # fmt: skip
         finally:
-            if winner is None:
-                # client gone (or an error): nothing may outlive the request
-                for act in race.on_client_gone(self.clock()):
-                    assert isinstance(act, Cancel)  # the only action a client leaving produces
-                    for i in act.attempts:
-                        self._cancel(i, tasks, results, race, cands, "abandoned", call)
-                for t in tasks.values():
-                    t.cancel()
-        if outcome is not None:
-            return outcome
-        assert winner is not None
-        c = cands[win_idx]
-        self._count(c, "won", call.api)
-        self.metrics.client_ttft.labels(plan.name).observe(self.clock() - t_in)
+            cycle.close()  # nothing but the winner outlives the race
+        winner = cycle.won()
+        c = cycle.served_by
+        now = self.clock()
         timing = (
-            f"setup;dur={(t_launch0 - t_in) * 1000:.2f}, "
-            f'ttft;dur={(self.clock() - t_in) * 1000:.2f};desc="{c.endpoint}", '
-            f'race;desc="attempts={len(race.attempts)}"'
+            f"setup;dur={(cycle.started_at - cycle.t_in) * 1000:.2f}, "
+            f'ttft;dur={(now - cycle.t_in) * 1000:.2f};desc="{c.endpoint}", '
+            f'race;desc="attempts={len(cycle.race.attempts)}"'
         )
         headers = {"X-GammaInfra-Endpoint": c.endpoint, "Server-Timing": timing}
         if task is not None:
             headers["X-GammaInfra-Task"] = task
-        launched = race.attempts[win_idx].launched_at
-        if call.dialect is RESPONSES:
+        if cycle.call.dialect is RESPONSES:
             rid = _response_id(winner)
             if rid is not None:
                 self.affinity.remember(rid, c.provider.name)
-        if call.stream:
-            return await self._pump(request, call, plan, c, winner, headers, key_id, launched)
-        return self._finish_json(call, c, winner, headers, key_id, launched)
-
-    def _count(self, c: Candidate, outcome: str, api: str) -> None:
-        self.metrics.attempts.labels(c.provider.name, c.upstream_model, outcome, api).inc()
-
-    def _cancel(
-        self,
-        i: int,
-        tasks: dict[int, asyncio.Task[AttemptResult]],
-        results: dict[int, AttemptResult],
-        race: Race,
-        cands: list[Candidate],
-        reason: str,
-        call: Call,
-    ) -> None:
-        """Stop attempt i now: cancel its task (which closes its connection) and learn from it."""
-        c = cands[i]
-        now = self.clock()
-        att = race.attempts[i]
-        fb = self.lane(call.stream)
-        t = tasks.pop(i, None)
-        if t is not None:
-            if t.done() and not t.cancelled() and i not in results:
-                # finished while we were being cancelled (the client left as asyncio.wait woke us):
-                # its result may hold an open response that nobody else will ever close, and the
-                # feedback must hear how it ended, or it would wait for news of it forever
-                r0 = results[i] = t.result()
-                if r0.failure is None:
-                    fb.on_first_token(c, r0.first_at - att.launched_at, now, launched_at=att.launched_at)
-                else:
-                    fb.on_failure(c, _for_health(r0.failure), now, launched_at=att.launched_at)
-            t.cancel()
-        r = results.get(i)
-        if r is not None and r.resp is not None:  # finished with a token in the same instant as the winner
-            r.resp.abort()
-        if r is None:
-            fb.on_cancelled(c, now - att.launched_at, now, lost=reason == "lost", launched_at=att.launched_at)
-        self._count(c, "abandoned" if reason == "abandoned" else "cancelled", call.api)
-        # A cancelled attempt is billed for its prompt (providers bill input once generation starts);
-        # completion tokens before the first token are unknown and counted as zero.
-        wasted = call.wasted_tokens
-        self.metrics.wasted_tokens.labels(c.model.name, c.provider.name, reason).inc(wasted)
-        self.metrics.wasted_cost.labels(c.model.name, c.provider.name, reason).inc(c.cost_usd(wasted, 0))
-
-    def _reject(self, r: AttemptResult) -> web.Response:
-        """Return the provider's answer to a bad request as OpenAI error JSON (scrubbed of secrets)."""
-        status = r.failure.status if r.failure and r.failure.status else 400
-        message = f"The provider rejected the request (HTTP {status})."
-        etype, param, code = "invalid_request_error", None, None
-        try:
-            parsed = orjson.loads(r.error_body) if r.error_body else None
-        except orjson.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-            e = parsed["error"]
-            message = str(e.get("message") or message)
-            etype = str(e.get("type") or etype)
-            param = e.get("param") if isinstance(e.get("param"), str) else None
-            code = str(e["code"]) if e.get("code") is not None else None
-        return error_response(ApiError(status, self.scrub(message), param=param, code=code, type=etype))
-
-    def _give_up(self, plan: Plan, cands: list[Candidate], act: GiveUp) -> ApiError:
-        parts = [f"{cands[ci].endpoint}: {f.reason}" for ci, f in act.failures]
-        headers = {}
-        waits = [f.retry_after for _, f in act.failures if f.retry_after is not None]
-        if act.status == 429:
-            headers["Retry-After"] = str(max(1, round(min(waits)))) if waits else "1"
-        return ApiError(
-            act.status,
-            f"All {len(parts)} upstream attempts for '{plan.name}' failed: " + "; ".join(parts) + ".",
-            code="upstream_failed" if act.status != 429 else "rate_limited",
-            headers=headers,
-        )
-
-    # ------------------------------------------------------------------------------ attempts
-
-    async def _attempt(self, c: Candidate, payload: bytes, call: Call) -> AttemptResult:
-        """Open one upstream call and read it until its first token (or its full body). Never raises
-        except CancelledError; always closes its connection unless it hands it over as the winner."""
-        t = c.provider.timeouts
-        resp: Response | None = None
-        handed_over = False
-        gauge = self.metrics.inflight_attempts.labels(c.provider.name)
-        gauge.inc()
-        try:
-            async with asyncio.timeout(t.first_token):
-                resp = await self.upstream.open(
-                    self._urls[c.provider.name, call.api], self._headers[c.provider.name], payload,
-                    connect_timeout=t.connect, read_timeout=t.idle,
-                )  # fmt: skip
-                if resp.status != 200:
-                    err = await resp.read_all(ERROR_BODY_LIMIT)
-                    failure = classify_status(resp.status, resp.headers)
-                    if resp.status in (404, 405):
-                        if self.api_support.observe(c.provider.name, call.api, resp.status, err):
-                            # no such path there: skipped for a while, and this request fails over
-                            failure = Failure(FailureKind.RETRYABLE, LACKS_API, resp.status)
-                        elif call.pinned:
-                            # the owner does not know the parent (expired, deleted): the caller's answer
-                            failure = Failure(FailureKind.CALLER, failure.reason, resp.status)
-                    return AttemptResult(failure=failure, error_body=err)
-                if call.stream:
-                    det = StreamDetector(call.dialect)
-                    chunks: list[bytes] = []
-                    while True:
-                        chunk = await resp.read_chunk()
-                        if not chunk:
-                            raise StreamError("upstream stream ended before any token")
-                        chunks.append(chunk)
-                        if det.feed(chunk) == TOKEN:
-                            break
-                    handed_over = True
-                    return AttemptResult(resp=resp, chunks=chunks, first_at=self.clock())
-                body = await resp.read_all(RESPONSE_LIMIT)
-                parsed = parse_json_body(body, call.dialect)  # only a complete, valid body wins
-                resp.release()
-                handed_over = True  # back in the pool: not ours to abort any more
-                return AttemptResult(chunks=[body], parsed=parsed, first_at=self.clock())
-        except TimeoutError:
-            return AttemptResult(failure=Failure(FailureKind.RETRYABLE, "timeout"))
-        except UpstreamError as e:
-            return AttemptResult(failure=Failure(FailureKind.RETRYABLE, e.reason))
-        except StreamError as e:
-            return AttemptResult(failure=Failure(FailureKind.RETRYABLE, e.reason, 200))
-        finally:
-            gauge.dec()
-            if resp is not None and not handed_over:
-                resp.abort()
-
-    # ------------------------------------------------------------------------------ responses
-
-    def _account(self, c: Candidate, usage: Usage | None, key_id: str | None) -> float | None:
-        if usage is None:
-            return None
-        cost = usage.cost_usd(c.model.input_usd_per_mtok, c.model.output_usd_per_mtok)
-        m = self.metrics
-        m.tokens.labels(c.model.name, c.provider.name, "prompt").inc(usage.input_tokens)
-        m.tokens.labels(c.model.name, c.provider.name, "completion").inc(usage.output_tokens)
-        m.cost.labels(c.model.name, c.provider.name).inc(cost)
-        if key_id is not None:
-            m.key_cost.labels(key_id).inc(cost)
-        return cost
-
-    def _finish_json(
-        self,
-        call: Call,
-        c: Candidate,
-        r: AttemptResult,
-        headers: dict[str, str],
-        key_id: str | None,
-        launched: float,
-    ) -> web.Response:
-        assert r.parsed is not None and r.chunks is not None
-        cost = self._account(c, call.dialect.usage(r.parsed), key_id)
+        if cycle.call.stream:
+            return await self._pump(request, cycle, winner, headers, key_id)
+        assert winner.parsed is not None and winner.chunks is not None
+        cost = cycle.charge(cycle.call.dialect.usage(winner.parsed), key_id)
         headers["X-GammaInfra-Cost-USD"] = cost_header(cost) if cost is not None else "unknown"
-        self._completed(self.feedback_json, c, launched)
-        return web.Response(body=r.chunks[0], status=200, content_type="application/json", headers=headers)
+        cycle.completed()
+        body = winner.chunks[0]
+        return web.Response(body=body, status=200, content_type="application/json", headers=headers)
 
     async def _pump(
         self,
         request: web.Request,
-        call: Call,
-        plan: Plan,
-        c: Candidate,
+        cycle: RaceCycle,
         r: AttemptResult,
         headers: dict[str, str],
         key_id: str | None,
-        launched: float,
     ) -> web.StreamResponse:
-        """Send the winner's stream: the bytes so far, then chunk by chunk as they arrive."""
+        """Send the winner's stream: the bytes so far, then chunk by chunk as they arrive, as whole
+        events (`forward.StreamForwarder` decides what to write; this is the I/O around it)."""
         assert r.resp is not None and r.chunks is not None
         up = r.resp
+        c = cycle.served_by
         headers["X-GammaInfra-Cost-USD"] = "pending"  # exact figure: the `: X-GammaInfra-Cost-USD` line
         out = _SSEResponse(status=200, headers=headers)
         out.content_type = "text/event-stream"
         out.headers["Cache-Control"] = "no-cache"
-        strip_usage = call.strip_usage
-        dialect = call.dialect
-        typed_end = dialect is RESPONSES  # ends at a terminal event, not at `data: [DONE]`
-        usage: Usage | None = None
-        saw_end = False
-        pending = b""  # a partial SSE event, held until its end arrives
-        held = b""  # the chunk with [DONE]: it leaves together with the end of the response
-        total = c.provider.timeouts.total
+        call = cycle.call
+        fwd = StreamForwarder(
+            call.dialect, strip_usage=call.strip_usage, key=self._stream_keys.get(c.provider.name),
+            charge=lambda usage: cycle.charge(usage, key_id),
+        )  # fmt: skip
         completed = False
-        key = self._stream_keys.get(c.provider.name)
         try:
             await out.prepare(request)
-            chunk: bytes = b"".join(r.chunks)
-            async with asyncio.timeout(total):
+            async with asyncio.timeout(c.provider.timeouts.total):
+                data = fwd.feed(b"".join(r.chunks))
                 while True:
-                    if pending:
-                        chunk = pending + chunk
-                        pending = b""
-                    if not chunk.endswith(b"\n\n"):
-                        cut = event_cut(chunk)
-                        if cut == 0 and len(chunk) < PENDING_LIMIT:
-                            pending = chunk
-                            chunk = b""
-                        elif 0 < cut < len(chunk):
-                            chunk, pending = chunk[:cut], chunk[cut:]
-                    if chunk:
-                        if key is not None and key in chunk:
-                            # the provider echoed our key into its stream: the one edit of its bytes
-                            # we make for safety; one `in` per chunk otherwise (see secrets.py)
-                            chunk = chunk.replace(key, REDACTED)
-                        if USAGE_HINT in chunk:  # one `in` per chunk; parsed only where it is
-                            chunk, u = take_usage(chunk, dialect, strip_usage)
-                            if u is not None:
-                                usage = u
-                        if held:  # bytes after the end: unusual, but forward them in order
-                            await out.write(held)
-                            held = b""
-                        at = end_at(chunk, dialect) if typed_end or DONE_MARK in chunk else None
-                        if at is not None:
-                            saw_end = True
-                            cost = self._account(c, usage, key_id)
-                            value = cost_header(cost) if cost is not None else "unknown"
-                            held = insert_cost(chunk, at, value)
-                            usage = None
-                        else:
-                            await out.write(chunk)
+                    if data:
+                        await out.write(data)
                     chunk = await up.read_chunk()
                     if not chunk:
                         break
-            last = held + pending
-            if not saw_end:
-                self._account(c, usage, key_id)
-                # `pending` is an event cut off by the end of the body: dropped, as an SSE client drops an
-                # unterminated event, so the error event stays a parseable event of its own
-                what = "its terminal event" if dialect is RESPONSES else "[DONE]"
-                last = sse_error_event(f"The upstream stream ended before {what}.", code="stream_truncated")
-            else:
+                    data = fwd.feed(chunk)
+            last = fwd.finish()
+            if fwd.saw_end:
                 completed = True
                 up.release()
             await out.write_eof(last)  # one write for the last events and the chunked terminator
@@ -865,16 +502,10 @@ class Proxy:
             raise
         finally:
             if completed:
-                self._completed(self.feedback, c, launched)
+                cycle.completed()
             else:
                 up.abort()
         return out
-
-    def _completed(self, fb: Feedback, c: Candidate, launched: float) -> None:
-        """A winner's body or stream ended normally: its total duration feeds statistics and metrics."""
-        now = self.clock()
-        fb.on_complete(c, now - launched, now)
-        self.metrics.upstream_duration.labels(c.provider.name, c.upstream_model).observe(now - launched)
 
     async def _end_at_shutdown(self, request: web.Request, out: web.StreamResponse) -> str:
         """End a stream cut by shutdown: the `shutting_down` event and the chunked terminator, out of our
@@ -925,12 +556,6 @@ class _SSEResponse(web.StreamResponse):
     """
 
     _send_headers_immediately = False
-
-
-def _for_health(f: Failure) -> Failure:
-    """What the feedback hears of a failure: a provider without the path is not unhealthy (its breaker
-    must not open for chat because it has no /v1/responses), so that counts like a caller's error."""
-    return Failure(FailureKind.CALLER, f.reason, f.status) if f.reason == LACKS_API else f
 
 
 def _response_id(r: AttemptResult) -> str | None:

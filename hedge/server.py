@@ -235,7 +235,7 @@ def build_app(proxy: Proxy) -> web.Application:
         return None
 
     # every racing API takes the same path: head checks (also before `100 Continue`), the bounded body,
-    # then the slot (Proxy._handle)
+    # then the slot (Proxy.serve_api)
     for path, handler in (
         ("/v1/chat/completions", proxy.chat_completions),
         ("/v1/responses", proxy.responses),

@@ -18,6 +18,10 @@ PACKAGE = Path(__file__).resolve().parent.parent.parent / "hedge"
 # Modules that must load without aiohttp.
 CORE = (
     "race",  # the hedged race, sans-IO
+    "cycle",  # one request's race with real attempt tasks: asyncio only, no HTTP framework
+    "attempt",  # one upstream attempt, through the client interface
+    "clock",  # the clock and the hedge timer on it
+    "forward",  # what to write of a committed stream, sans-IO
     "policy",  # evidence, delay, budget split
     "strategy",  # per-route ranking keys
     "feedback",  # order / delay / budget decisions; raises errors.NoCandidates, never an HTTP answer
