@@ -5,6 +5,10 @@ A scripted sequence of requests through `gammainfra/fast` with a fixed hedge del
 that every counter has one exact expected value: wins, a delay hedge, a hedge refused by the budget, an
 error hedge, a caller 400, and two client disconnects (one before the hedge, one after). The exposition
 is parsed with prometheus-client's own parser, which rejects malformed text.
+
+The proxy runs on a `ManualClock`: its hedge timer fires only when the test moves the clock, so "after
+the delay" is a step the test takes (once the timer is armed), and "before the delay" holds however
+slowly the machine runs. Nothing here waits on wall time.
 """
 
 from __future__ import annotations
@@ -19,17 +23,14 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hedge.clock import ManualClock
 from hedge.simprovider import Behaviour, SimProvider
 
 from ..conftest import RunningProxy, chat, eventually, raw_config, run_proxy, sims
 
 URL = "/v1/chat/completions"
 ROUTE = "gammainfra/fast"
-# Fixed hedge delay. The proxy's hedge timer waits on the event loop's real time (asyncio.wait with a
-# timeout), not on its injected clock, so this stays a real second: what must happen *after* the delay
-# (a refused hedge, a client leaving after the hedge) is ordered by events (a provider's gate, a counter,
-# a request arriving); only "a answers at once" and "the client leaves right after a got the request"
-# still rely on taking less than this second on a loaded machine.
+# Fixed hedge delay, on the proxy's manual clock: it passes only when `hedge_fires` moves the clock.
 DELAY = 1.0
 PREFER = {"X-GammaInfra-Preference": "a"}
 FAST = Behaviour(ttft=0.0, tokens=5, prompt_tokens=10)  # usage: 10 prompt + 5 completion tokens
@@ -96,16 +97,27 @@ async def post(http: aiohttp.ClientSession, px: RunningProxy) -> tuple[int, dict
         return r.status, dict(r.headers), await r.read()
 
 
+async def hedge_fires(clock: ManualClock) -> None:
+    """Let the hedge delay pass: wait until the request's hedge timer is armed, then move the clock."""
+    assert await eventually(lambda: clock.waiting == 1, timeout=10.0)
+    clock.advance(DELAY)
+
+
 async def disconnect_when(
     http: aiohttp.ClientSession,
     px: RunningProxy,
     ready: Callable[[], bool],
     ps: dict[str, SimProvider],
     n: int,
+    *,
+    after_hedge: ManualClock | None = None,
 ) -> None:
-    """Send a request and hang up as soon as `ready()`; wait until the proxy has counted the 499 and
-    every provider saw its connection closed (n = how many 499s there should be by then)."""
+    """Send a request (letting its hedge delay pass on `after_hedge`'s clock, if given) and hang up as
+    soon as `ready()`; wait until the proxy has counted the 499 and every provider saw its connection
+    closed (n = how many 499s there should be by then)."""
     req = asyncio.ensure_future(post(http, px))
+    if after_hedge is not None:
+        await hedge_fires(after_hedge)
     assert await eventually(ready, timeout=10.0)
     req.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -124,21 +136,25 @@ async def test_metrics_agree_with_a_scripted_run(http: aiohttp.ClientSession) ->
             "hedge_budget": 0.5, "hedge_burst": 1,
         }  # fmt: skip
         raw = raw_config({n: p.base_url for n, p in ps.items()}, fast=route)
-        async with run_proxy(raw) as px:
+        clock = ManualClock()
+        async with run_proxy(raw, clock=clock, timer=clock) as px:
             a, b = ps["a"], ps["b"]
-            # 1-3: a wins at once (tokens: 1, capped)
+            # 1-3: a wins before the delay, which never passes (tokens: 1, capped)
             for _ in range(3):
                 status, headers, _ = await post(http, px)
                 assert status == 200 and headers["X-GammaInfra-Endpoint"] == "m/a@a"
             timing = parse_server_timing(headers["Server-Timing"])
             # 4: a hangs; the delay hedge (paid: tokens 1 -> 0) goes to b, which wins; a is cancelled
             a.behaviour = held()
-            status, headers, _ = await post(http, px)
+            req = asyncio.ensure_future(post(http, px))
+            await hedge_fires(clock)
+            status, headers, _ = await req
             assert status == 200 and headers["X-GammaInfra-Endpoint"] == "m/b@b"
             hedged_timing = parse_server_timing(headers["Server-Timing"])
             # 5: a holds; at the delay the hedge is refused (tokens 0.5 < 1); then a answers and wins
             a.behaviour = gated = held(tokens=5, prompt_tokens=10)
             req = asyncio.ensure_future(post(http, px))
+            await hedge_fires(clock)
             refusals = px.proxy.metrics.budget_refusals.labels(ROUTE)
             assert await eventually(lambda: refusals._value.get() == 1, timeout=10.0)
             assert gated.gate is not None
@@ -159,7 +175,7 @@ async def test_metrics_agree_with_a_scripted_run(http: aiohttp.ClientSession) ->
             await disconnect_when(http, px, lambda: a.requests_total == 8, ps, 1)
             # 9: the client hangs up after the hedge (paid: tokens 1 -> 0; as soon as b has it): a and
             # b are abandoned
-            await disconnect_when(http, px, lambda: b.requests_total == 3, ps, 2)
+            await disconnect_when(http, px, lambda: b.requests_total == 3, ps, 2, after_hedge=clock)
             assert await eventually(lambda: not px.proxy.tasks)
             m = await scrape(http, px)
 
@@ -222,7 +238,7 @@ async def test_metrics_agree_with_a_scripted_run(http: aiohttp.ClientSession) ->
         assert 0.0 <= float(t["setup"]["dur"]) <= float(t["ttft"]["dur"])
         assert t["ttft"]["desc"] == endpoint
         assert t["race"]["desc"] == f"attempts={attempts_n}"
-    assert float(hedged_timing["ttft"]["dur"]) >= DELAY * 1000
+    assert float(hedged_timing["ttft"]["dur"]) == DELAY * 1000  # the clock moved by exactly the delay
 
 
 async def test_cooling_down_is_counted_and_shown(http: aiohttp.ClientSession) -> None:
