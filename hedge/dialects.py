@@ -5,7 +5,8 @@ forward the bytes untouched on event boundaries, and read the usage once, at the
 What differs between `/v1/chat/completions`, `/v1/responses`, `/v1/completions` and `/v1/embeddings` is
 only *which* event is a token, which event is an error, where the usage sits and where a stream ends.
 A `Dialect` answers exactly those questions about already-parsed JSON; everything about bytes (the SSE
-framing, the event boundaries, the cost trailer) is here once and shared by all dialects.
+framing, the first-token detector, the event boundaries, the usage and the cost trailer, and the
+forwarder of a committed stream, `StreamForwarder`) is here once and shared by all dialects.
 
 Framing (the one rule): a line ends with `\\r\\n`, `\\r` or `\\n` (the SSE spec's three terminators,
 a `\\r\\n` counting as one), and an event ends at an empty line. `StreamDetector` normalises the
@@ -16,10 +17,14 @@ copying them, because the forwarder must pass the provider's bytes exactly.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
+
+from .errors import sse_error_event
+from .secrets import REDACTED
 
 NEED_MORE = 0
 TOKEN = 1
@@ -450,3 +455,102 @@ def end_at(chunk: bytes, dialect: Dialect) -> int | None:
 def insert_cost(chunk: bytes, at: int, value: str) -> bytes:
     """Put `: X-GammaInfra-Cost-USD: <value>` (an SSE comment, ignored by SSE clients) at `at`."""
     return chunk[:at] + b": X-GammaInfra-Cost-USD: " + value.encode() + b"\n\n" + chunk[at:]
+
+
+# ------------------------------------------------------------------- the committed stream's forwarder
+#
+# After the first token nothing is parsed any more; the bytes are the provider's own, in order.
+# `StreamForwarder` is the one look the proxy still takes at them, chunk by chunk, and it is cheap:
+# - whole events only: a partial event is held until its end arrives (`event_cut`), so a cut never
+#   falls inside an event, and a stream cut short ends on a boundary followed by our error event;
+# - the provider's own key is redacted if the provider echoed it (one `in` per chunk, see secrets.py);
+# - the usage is taken where a chunk carries it (one `in` per chunk, parsed only there, `take_usage`),
+#   and a usage event the caller did not ask for is cut out again;
+# - at the stream's end (`end_at`) the cost comment line goes in (`insert_cost`), and that last piece is
+#   held so it leaves together with the chunked terminator in one write.
+# `feed(chunk)` returns the bytes to write now; `finish()` the last bytes when the upstream ends. The
+# I/O around it (reads, writes, timeouts) is `Proxy._pump`'s.
+
+PENDING_LIMIT = 1 << 20  # a partial event longer than this is forwarded as it is rather than held
+USAGE_HINT = b'"usage"'  # in every usage marker take_usage knows (with or without a space)
+
+
+def cost_header(cost: float) -> str:
+    """The cost as the `X-GammaInfra-Cost-USD` header and the stream's cost comment write it."""
+    return f"{cost:.10f}"
+
+
+class StreamForwarder:
+    """Event-aligned forwarding of one committed stream (see the module docstring)."""
+
+    __slots__ = (
+        "charge",
+        "dialect",
+        "held",
+        "key",
+        "pending",
+        "saw_end",
+        "strip_usage",
+        "typed_end",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        dialect: Dialect,
+        *,
+        strip_usage: bool,
+        key: bytes | None,
+        charge: Callable[[Usage | None], float | None],
+    ) -> None:
+        self.dialect = dialect
+        self.strip_usage = strip_usage
+        self.key = key  # the serving provider's own key, to redact if it shows up in its stream
+        self.charge = charge  # books the usage (metrics, key spend) and returns its cost
+        self.typed_end = dialect is RESPONSES  # ends at a terminal event, not at `data: [DONE]`
+        self.usage: Usage | None = None
+        self.saw_end = False  # the stream's own end marker went by: the answer is complete
+        self.pending = b""  # a partial SSE event, held until its end arrives
+        self.held = b""  # the piece with the end marker: it leaves with the end of the response
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to write for this upstream chunk (maybe none yet)."""
+        if self.pending:
+            chunk = self.pending + chunk
+            self.pending = b""
+        if not chunk.endswith(b"\n\n"):
+            cut = event_cut(chunk)
+            if cut == 0 and len(chunk) < PENDING_LIMIT:
+                self.pending = chunk
+                return b""
+            if 0 < cut < len(chunk):
+                chunk, self.pending = chunk[:cut], chunk[cut:]
+        if not chunk:
+            return b""
+        if self.key is not None and self.key in chunk:
+            # the provider echoed our key into its stream: the one edit of its bytes we make for safety
+            chunk = chunk.replace(self.key, REDACTED)
+        if USAGE_HINT in chunk:
+            chunk, u = take_usage(chunk, self.dialect, self.strip_usage)
+            if u is not None:
+                self.usage = u
+        out = self.held  # bytes after the end: unusual, but forwarded in order
+        self.held = b""
+        at = end_at(chunk, self.dialect) if self.typed_end or DONE_MARK in chunk else None
+        if at is None:
+            return out + chunk if out else chunk
+        self.saw_end = True
+        cost = self.charge(self.usage)
+        self.usage = None
+        self.held = insert_cost(chunk, at, cost_header(cost) if cost is not None else "unknown")
+        return out
+
+    def finish(self) -> bytes:
+        """The last bytes once the upstream body ended. A stream that never reached its end marker was
+        cut short: its usage so far is booked, a partial last event is dropped (as an SSE client drops
+        an unterminated event) and an error event says the answer is incomplete."""
+        if self.saw_end:
+            return self.held + self.pending
+        self.charge(self.usage)
+        what = "its terminal event" if self.typed_end else "[DONE]"
+        return sse_error_event(f"The upstream stream ended before {what}.", code="stream_truncated")

@@ -3,7 +3,7 @@
 The flow is in docs/design.md, "The request path". Read `serve_api` top to bottom: check the head, read
 and parse the body, resolve the route, order the candidates, run one `RaceCycle` (hedge/cycle.py, which
 owns the race, its attempts and their booking), and answer with the winner: its JSON body, or its stream
-from the first token, forwarded as whole events (`forward.StreamForwarder` decides what to write; here
+from the first token, forwarded as whole events (`dialects.StreamForwarder` decides what to write; here
 is only the I/O around it).
 
 Every API (chat, Responses, legacy completions, embeddings) takes this one path; what differs is a
@@ -46,10 +46,19 @@ from .body import (
 from .catalog import Candidate, Catalog, Plan
 from .clock import LoopTimer, Timer
 from .cycle import RaceCycle, provider_rejection
-from .dialects import CHAT, COMPLETIONS, DIALECTS, EMBEDDINGS, RESPONSES, Dialect, split_events
+from .dialects import (
+    CHAT,
+    COMPLETIONS,
+    DIALECTS,
+    EMBEDDINGS,
+    RESPONSES,
+    Dialect,
+    StreamForwarder,
+    cost_header,
+    split_events,
+)
 from .errors import ApiError, NoCandidates, sse_error_event
 from .feedback import DEFAULT_EAGERNESS, Feedback, Order
-from .forward import StreamForwarder, cost_header
 from .metrics import Metrics
 from .race import Failure, FailureKind
 from .request import ChatRequest, parse_chat_request, parse_cost_quality, parse_preference
@@ -447,7 +456,7 @@ class Proxy:
         key_id: str | None,
     ) -> web.StreamResponse:
         """Send the winner's stream: the bytes so far, then chunk by chunk as they arrive, as whole
-        events (`forward.StreamForwarder` decides what to write; this is the I/O around it)."""
+        events (`dialects.StreamForwarder` decides what to write; this is the I/O around it)."""
         assert r.resp is not None and r.chunks is not None
         up = r.resp
         c = cycle.served_by

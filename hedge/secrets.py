@@ -5,7 +5,7 @@ that came from outside (an upstream error message we pass on) goes through a `Sc
 provider echoes the key back (some do, partially masked or not).
 
 A stream after commit is forwarded as bytes, and its events are not parsed; the proxy still replaces the
-winning provider's own key wherever it appears whole in a chunk (`forward.StreamForwarder`: one `bytes in`
+winning provider's own key wherever it appears whole in a chunk (`dialects.StreamForwarder`: one `bytes in`
 per chunk, and chunks are cut on event boundaries, so a key inside one event is inside one chunk). Only
 the whole key: its masked-middle form keeps nothing secret beyond its first 8 characters, and replacing
 those in streamed content would edit innocent text (`sk-proj-` is every key's head).

@@ -21,7 +21,6 @@ CORE = (
     "cycle",  # one request's race with real attempt tasks: asyncio only, no HTTP framework
     "attempt",  # one upstream attempt, through the client interface
     "clock",  # the clock and the hedge timer on it
-    "forward",  # what to write of a committed stream, sans-IO
     "policy",  # evidence, delay, budget split
     "strategy",  # per-route ranking keys
     "feedback",  # order / delay / budget decisions; raises errors.NoCandidates, never an HTTP answer

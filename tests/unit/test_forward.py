@@ -10,8 +10,7 @@ import orjson
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from hedge.dialects import CHAT, RESPONSES, Usage
-from hedge.forward import StreamForwarder, cost_header
+from hedge.dialects import CHAT, RESPONSES, StreamForwarder, Usage, cost_header
 from hedge.secrets import REDACTED
 
 KEY = b"sk-provider-secret-0123456789"
