@@ -118,7 +118,7 @@ class Sim(Loop):
         """Requests arrive every 1/rate s from `self.now` until `until`; runs until all are done."""
         n = max(0, math.ceil((until - self.now) * rate - 1e-9))
         k0, start = len(self.requests), self.now
-        out = [Req(k0 + k, start + k / rate, dial, tuple(preference)) for k in range(n)]
+        out = [Req(k0 + k, start + k / rate, dial=dial, preference=tuple(preference)) for k in range(n)]
         self.serve(out)
         self.now = max(self.now, until)
         self.requests += out
