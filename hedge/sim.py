@@ -27,7 +27,7 @@ import random
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from .catalog import Candidate, Catalog, Plan
 from .config import RouteConfig, parse_config
@@ -196,7 +196,7 @@ SCENARIOS: dict[str, Scenario] = {
 class Policy(Protocol):
     """What the simulator needs from a feedback object (`hedge.feedback.Feedback` has it)."""
 
-    def order(self, plan: Plan, now: float) -> Any: ...
+    def order(self, plan: Plan, now: float, preference: Sequence[str] = ()) -> Any: ...
     def delay_policy(self, plan: Plan, candidates: Any, now: float, eagerness: float) -> Any: ...
     def request_budget(self, route: RouteConfig, order: Any) -> Any: ...
     def on_launch(self, c: Candidate, now: float) -> None: ...
@@ -321,16 +321,151 @@ def p2c_policy(plan: Plan, seed: int = 7) -> Policy:
 
 @dataclass
 class Req:
+    """One simulated request: what its client asked for, what the policy and the race made of it, and
+    what the client saw. `dial` and `preference` are its X-GammaInfra-Cost-Quality and -Preference."""
+
     k: int
     arrival: float
+    dial: float = 0.5
+    preference: tuple[str, ...] = ()
     cands: Any = None
     race: Race | None = None
+    launches: list[tuple[str, str, float]] = field(default_factory=list)  # (provider, reason, at)
     ttft: float | None = None
     winner: str | None = None
-    attempts: int = 0
     status: int = 0
     delay: float | None = None  # the hedge delay of the first candidate at the default dial
     timer: float | None = None
+
+    @property
+    def attempts(self) -> int:
+        """Upstream attempts launched (the load this request cost)."""
+        return len(self.launches)
+
+
+Outcome = Callable[[Req, Candidate, float], tuple[float, Failure | None]]
+"""(request, candidate, launch time) -> (seconds after launch, failure or None): a provider's answer."""
+
+Ended = Literal["answered", "failed", "cancelled"]
+
+_ARRIVE, _ANSWER, _TIMER = 0, 1, 2
+
+
+class Loop:
+    """The discrete-event loop that runs requests through a policy and `Race`s, as the proxy does.
+
+    Requests arrive; `policy.order` ranks the candidates, `delay_policy` and `request_budget` arm the
+    race; each `Launch` asks `outcome` when that attempt's first token (or failure) comes; and every
+    attempt's end is reported to the policy exactly as the proxy reports it (first token, failure, or
+    cancelled with its elapsed time and whether it lost). One loop serves the scenario runs here
+    (`simulate`) and the scripted feedback tests (`tests/unit/test_feedback.py`), so the two cannot
+    drift apart; what a test wants to record it records in the no-op hooks (`ordered`, `launching`,
+    `ended`), which change nothing the policy sees.
+
+    Events at the same instant run in the order they were scheduled, so a run is a pure function of
+    its inputs. `now` carries over from one `serve` to the next.
+    """
+
+    def __init__(self, plan: Plan, policy: Policy, outcome: Outcome) -> None:
+        self.plan = plan
+        self.fb = policy
+        self.outcome = outcome
+        self.now = 0.0
+        self._heap: list[tuple[float, int, int, Req, int, Failure | None]] = []
+        self._seq = 0
+
+    def serve(self, reqs: Sequence[Req]) -> None:
+        """Run `reqs` (each arriving at its `arrival`) until every one has ended."""
+        for r in reqs:
+            self._push(r.arrival, _ARRIVE, r)
+        while self._heap:
+            self.now, _, kind, r, i, fail = heapq.heappop(self._heap)
+            if kind == _ARRIVE:
+                self._arrive(r)
+            elif kind == _TIMER:
+                assert r.race is not None
+                r.timer = None
+                self._apply(r, r.race.on_timer(self.now))
+            else:
+                self._answer(r, i, fail)
+
+    # ---------------------------------------------------------------- hooks (record; change nothing)
+
+    def ordered(self, r: Req) -> None:
+        """`r.cands` was just ordered; its race is not armed yet."""
+
+    def launching(self, r: Req, attempt: int, c: Candidate) -> None:
+        """Attempt `attempt` on `c` starts now; the policy has not heard of it yet."""
+
+    def ended(self, r: Req, attempt: int, elapsed: float, how: Ended) -> None:
+        """Attempt `attempt` ended `elapsed` s after launch, `how`; the policy has not heard of it yet."""
+
+    # ---------------------------------------------------------------------------------- the loop
+
+    def _push(self, t: float, kind: int, r: Req, i: int = -1, fail: Failure | None = None) -> None:
+        heapq.heappush(self._heap, (t, self._seq, kind, r, i, fail))
+        self._seq += 1
+
+    def _arrive(self, r: Req) -> None:
+        fb, plan, now = self.fb, self.plan, self.now
+        try:
+            r.cands = fb.order(plan, now, r.preference)
+        except NoCandidates as e:
+            r.status = e.as_api_error().status
+            return
+        self.ordered(r)
+        delays = fb.delay_policy(plan, r.cands, now, r.dial)
+        budget = None
+        if delays is not None:
+            budget = fb.request_budget(plan.route, r.cands)  # once per request, as the proxy
+            r.delay = delays.base_delay(0)
+        r.race = Race(len(r.cands), max_attempts=plan.route.max_attempts, delays=delays, budget=budget)
+        self._apply(r, r.race.start(now))
+
+    def _answer(self, r: Req, i: int, fail: Failure | None) -> None:
+        race, now = r.race, self.now
+        assert race is not None
+        att = race.attempts[i]
+        if att.state.value != "running":
+            return  # cancelled earlier: its connection is closed, the answer never arrives
+        c, elapsed = r.cands[i], now - att.launched_at
+        if fail is None:
+            self.ended(r, i, elapsed, "answered")
+            self.fb.on_first_token(c, elapsed, now, launched_at=att.launched_at)
+            self._apply(r, race.on_first_token(i, now))
+        else:
+            self.ended(r, i, elapsed, "failed")
+            self.fb.on_failure(c, fail, now, launched_at=att.launched_at)
+            self._apply(r, race.on_failure(i, fail, now))
+
+    def _apply(self, r: Req, actions: list[Any]) -> None:
+        race, now = r.race, self.now
+        assert race is not None
+        for act in actions:
+            if isinstance(act, Launch):
+                c = r.cands[act.candidate]
+                self.launching(r, act.attempt, c)
+                r.launches.append((c.provider.name, act.reason, now))
+                self.fb.on_launch(c, now)
+                after, fail = self.outcome(r, c, now)
+                self._push(now + after, _ANSWER, r, act.attempt, fail)
+            elif isinstance(act, Cancel):
+                for i in act.attempts:
+                    at = race.attempts[i].launched_at
+                    self.ended(r, i, now - at, "cancelled")
+                    self.fb.on_cancelled(r.cands[i], now - at, now, lost=act.reason == "lost", launched_at=at)
+            elif isinstance(act, Commit):
+                r.winner = r.cands[act.attempt].provider.name
+                r.ttft = now - r.arrival
+                r.status = 200
+            elif isinstance(act, Reject):
+                r.status = 400
+            elif isinstance(act, GiveUp):
+                r.status = act.status
+        dl = race.deadline()
+        if dl is not None and dl != r.timer:
+            r.timer = dl
+            self._push(dl, _TIMER, r)
 
 
 @dataclass
@@ -359,82 +494,18 @@ def simulate(
 ) -> Run:
     """Run the policy through `scenario` (requests every 1/rate s) until every request has ended."""
     plan = make_plan(scenario, route or {})
-    fb = policy(plan)
     luck = draw_luck(scenario, seed)
     provs = {p.name: p for p in scenario.providers}
     index = {p.name: i for i, p in enumerate(scenario.providers)}
-    heap: list[tuple[float, int, int, Req, int, Any]] = []
-    seq = 0
+
+    def outcome(r: Req, c: Candidate, now: float) -> tuple[float, Failure | None]:
+        name = c.provider.name
+        return provs[name].outcome(now, luck[r.k][index[name]])  # request k's draws, whoever launches
+
+    loop = Loop(plan, policy(plan), outcome)
     reqs = [Req(k, k / scenario.rate) for k in range(len(luck))]
-    for r in reqs:
-        heap.append((r.arrival, seq, 0, r, -1, None))
-        seq += 1
-    heapq.heapify(heap)
-    ARRIVE, ANSWER, TIMER = 0, 1, 2
-
-    def apply(r: Req, actions: list[Any], now: float) -> None:
-        nonlocal seq
-        race = r.race
-        assert race is not None
-        for act in actions:
-            if isinstance(act, Launch):
-                c = r.cands[act.candidate]
-                name = c.provider.name
-                r.attempts += 1
-                fb.on_launch(c, now)
-                after, fail = provs[name].outcome(now, luck[r.k][index[name]])
-                heapq.heappush(heap, (now + after, seq, ANSWER, r, act.attempt, fail))
-                seq += 1
-            elif isinstance(act, Cancel):
-                for i in act.attempts:
-                    at = race.attempts[i].launched_at
-                    fb.on_cancelled(r.cands[i], now - at, now, lost=act.reason == "lost", launched_at=at)
-            elif isinstance(act, Commit):
-                r.winner = r.cands[act.attempt].provider.name
-                r.ttft = now - r.arrival
-                r.status = 200
-            elif isinstance(act, Reject):
-                r.status = 400
-            elif isinstance(act, GiveUp):
-                r.status = act.status
-        dl = race.deadline()
-        if dl is not None and dl != r.timer:
-            r.timer = dl
-            heapq.heappush(heap, (dl, seq, TIMER, r, -1, None))
-            seq += 1
-
-    while heap:
-        now, _, kind, r, i, fail = heapq.heappop(heap)
-        if kind == ARRIVE:
-            try:
-                r.cands = fb.order(plan, now)
-            except NoCandidates as e:
-                r.status = e.as_api_error().status
-                continue
-            delays = fb.delay_policy(plan, r.cands, now, 0.5)
-            budget = fb.request_budget(plan.route, r.cands) if delays is not None else None
-            if delays is not None:
-                r.delay = delays.base_delay(0)
-            r.race = Race(len(r.cands), max_attempts=plan.route.max_attempts, delays=delays, budget=budget)
-            apply(r, r.race.start(now), now)
-            continue
-        race = r.race
-        assert race is not None
-        if kind == TIMER:
-            r.timer = None
-            apply(r, race.on_timer(now), now)
-            continue
-        att = race.attempts[i]
-        if att.state.value != "running":
-            continue  # cancelled earlier: its answer never arrives
-        c = r.cands[i]
-        if fail is None:
-            fb.on_first_token(c, now - att.launched_at, now, launched_at=att.launched_at)
-            apply(r, race.on_first_token(i, now), now)
-        else:
-            fb.on_failure(c, fail, now, launched_at=att.launched_at)
-            apply(r, race.on_failure(i, fail, now), now)
-    return Run(scenario, plan, reqs, luck, fb)
+    loop.serve(reqs)
+    return Run(scenario, plan, reqs, luck, loop.fb)
 
 
 # ----------------------------------------------------------------------------------------- reading

@@ -1,34 +1,34 @@
 """Feedback + AdaptiveDelay + Race on a fake clock: exact, deterministic, no sockets.
 
 Most tests drive the real decision objects (`Feedback.order`, `AdaptiveDelay`, `HedgeBudget`, `Race`)
-through thousands of simulated requests with `Sim`, a tiny discrete-event loop: requests arrive at fixed
-intervals, each provider's answer for an attempt comes from a scripted function of (provider, launch
-time), and the simulator reports to `Feedback` exactly what the proxy reports (first token, failure,
-cancelled with the elapsed time and whether the attempt lost). Everything is seeded, so the figures are
-exact for a given code version; the assertions still use margins that state the property, not the
-figure.
+through thousands of simulated requests with `Sim`, a thin layer over `hedge.sim.Loop` (the simulator's
+own discrete-event loop, so both judge the same thing): requests arrive at fixed intervals, each
+provider's answer for an attempt comes from a scripted function of (provider, launch time), and the
+loop reports to `Feedback` exactly what the proxy reports (first token, failure, cancelled with the
+elapsed time and whether the attempt lost). Everything is seeded, so the figures are exact for a given
+code version; the assertions still use margins that state the property, not the figure.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hedge.catalog import Candidate, Catalog, Plan
+from hedge.catalog import Candidate, Catalog
 from hedge.config import parse_config
 from hedge.errors import ApiError, NoCandidates
-from hedge.feedback import Feedback, Order, dial_multiplier
+from hedge.feedback import Feedback, dial_multiplier
 from hedge.health import BreakerState
-from hedge.race import Cancel, Commit, Failure, FailureKind, GiveUp, Launch, Race, Reject
+from hedge.race import Failure, FailureKind
 from hedge.request import parse_cost_quality, parse_preference
+from hedge.sim import Ended, Loop, Req
 from hedge.stats import DecayingHistogram
 
 from ..conftest import raw_config
@@ -69,31 +69,25 @@ class Answer:
 Script = Callable[[str, float], Answer]  # (provider name, launch time) -> Answer
 
 
-@dataclass
-class Req:
-    arrival: float
-    race: Race | None = None
-    cands: Order = field(default_factory=lambda: Order(()))
-    launches: list[tuple[str, str, float]] = field(default_factory=list)  # (provider, reason, at)
-    winner: str | None = None
-    ttft: float | None = None  # client-visible
-    status: int = 0
-    timer: float | None = None
-    unhealthy: set[int] = field(default_factory=set)  # attempts launched while the breaker was not closed
+class Sim(Loop):
+    """`hedge.sim`'s event loop with scripted providers, recording what Feedback was told.
 
+    The loop (arrivals, order, race, reports to Feedback) is the simulator's own, so these tests and
+    `python -m hedge.sim` judge the same thing; this layer adds a config, scripts and the recording.
+    """
 
-class Sim:
-    """A discrete-event loop running requests through Feedback + Race with scripted providers."""
+    fb: Feedback
 
     def __init__(self, route: dict[str, Any], script: Script, *, providers: Sequence[str] = ("a", "b")):
         raw = raw_config({p: f"http://{p}.invalid/v1" for p in providers}, fast=route)
         self.catalog = Catalog(parse_config(raw))
-        self.plan: Plan = self.catalog.resolve(ROUTE)
-        self.fb = Feedback(self.catalog.config.feedback)
-        self.script = script
-        self.now = 0.0
-        self._heap: list[tuple[float, int, str, Req, int, Any]] = []
-        self._seq = 0
+        plan = self.catalog.resolve(ROUTE)
+
+        def outcome(r: Req, c: Candidate, now: float) -> tuple[float, Failure | None]:
+            ans = script(c.provider.name, now)
+            return ans.after, ans.failure
+
+        super().__init__(plan, Feedback(self.catalog.config.feedback), outcome)
         self.requests: list[Req] = []
         # what Feedback was told, per provider: (time, value)
         self.exact: dict[str, list[tuple[float, float]]] = {p: [] for p in providers}
@@ -104,6 +98,7 @@ class Sim:
         self.launch_states: list[tuple[float, str, BreakerState]] = []
         self.probes_inflight: dict[str, int] = {p: 0 for p in providers}
         self.max_probes_inflight: dict[str, int] = {p: 0 for p in providers}
+        self._probes: set[tuple[int, int]] = set()  # (request, attempt) of the probes in flight
         self.hooks: list[Callable[[Sim, Req], None]] = []  # called after each request's order
 
     def cand(self, provider: str) -> Candidate:
@@ -121,111 +116,37 @@ class Sim:
         preference: Sequence[str] = (),
     ) -> list[Req]:
         """Requests arrive every 1/rate s from `self.now` until `until`; runs until all are done."""
-        out: list[Req] = []
         n = max(0, math.ceil((until - self.now) * rate - 1e-9))
-        start = self.now
-        for k in range(n):
-            r = Req(arrival=start + k / rate)
-            out.append(r)
-            self._push(r.arrival, "arrive", r, -1, (dial, tuple(preference)))
-        while self._heap:
-            t, _, kind, r, i, extra = heapq.heappop(self._heap)
-            self.now = t
-            if kind == "arrive":
-                self._arrive(r, *extra)
-            else:
-                self._event(kind, r, i, extra)
+        k0, start = len(self.requests), self.now
+        out = [Req(k0 + k, start + k / rate, dial=dial, preference=tuple(preference)) for k in range(n)]
+        self.serve(out)
         self.now = max(self.now, until)
         self.requests += out
         return out
 
-    def _push(self, t: float, kind: str, r: Req, i: int, extra: Any = None) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, (t, self._seq, kind, r, i, extra))
-
-    def _arrive(self, r: Req, dial: float, preference: tuple[str, ...]) -> None:
-        now = self.now
-        try:
-            r.cands = self.fb.order(self.plan, now, preference)
-        except NoCandidates as e:
-            r.status = e.as_api_error().status
-            return
+    def ordered(self, r: Req) -> None:
         for hook in self.hooks:
             hook(self, r)
-        delays = self.fb.delay_policy(self.plan, r.cands, now, dial)
-        budget = None
-        if delays is not None:
-            budget = self.fb.request_budget(self.plan.route, r.cands)  # once per request, as the proxy
-        r.race = Race(len(r.cands), max_attempts=self.plan.route.max_attempts, delays=delays, budget=budget)
-        self._apply(r, r.race.start(now))
 
-    def _event(self, kind: str, r: Req, i: int, answer: Answer | None) -> None:
-        race = r.race
-        assert race is not None
-        now = self.now
-        if kind == "timer":
-            r.timer = None
-            self._apply(r, race.on_timer(now))
-            return
-        att = race.attempts[i]
-        if att.state.value != "running":
-            return  # cancelled earlier: its connection is closed, the answer never arrives
-        p = r.cands[i].provider.name
-        self._ended(r, i)
-        assert answer is not None
-        if answer.failure is None:
-            self.fb.on_first_token(r.cands[i], now - att.launched_at, now)
-            self.exact[p].append((now, now - att.launched_at))
-            if i > 0:
-                self.exact_as_hedge[p].append((now, now - att.launched_at))
-            self._apply(r, race.on_first_token(i, now))
-        else:
-            self.fb.on_failure(r.cands[i], answer.failure, now, launched_at=att.launched_at)
-            self._apply(r, race.on_failure(i, answer.failure, now))
+    def launching(self, r: Req, attempt: int, c: Candidate) -> None:
+        p, state = c.provider.name, self.fb.breaker(c).state(self.now)
+        self.launch_states.append((self.now, p, state))
+        if state is not BreakerState.CLOSED:
+            self._probes.add((r.k, attempt))
+            self.probes_inflight[p] += 1
+            self.max_probes_inflight[p] = max(self.max_probes_inflight[p], self.probes_inflight[p])
 
-    def _apply(self, r: Req, actions: list[Any]) -> None:
-        race = r.race
-        assert race is not None
-        now = self.now
-        for act in actions:
-            if isinstance(act, Launch):
-                c = r.cands[act.candidate]
-                p = c.provider.name
-                state = self.fb.breaker(c).state(now)
-                self.launch_states.append((now, p, state))
-                if state is not BreakerState.CLOSED:
-                    r.unhealthy.add(act.attempt)
-                    self.probes_inflight[p] += 1
-                    self.max_probes_inflight[p] = max(self.max_probes_inflight[p], self.probes_inflight[p])
-                r.launches.append((p, act.reason, now))
-                self.fb.on_launch(c, now)
-                ans = self.script(p, now)
-                self._push(now + ans.after, "answer", r, act.attempt, ans)
-            elif isinstance(act, Cancel):
-                for i in act.attempts:
-                    c = r.cands[i]
-                    elapsed = now - race.attempts[i].launched_at
-                    self._ended(r, i)
-                    self.fb.on_cancelled(
-                        c, elapsed, now, lost=act.reason == "lost", launched_at=race.attempts[i].launched_at
-                    )
-                    self.censored[c.provider.name].append((now, elapsed))
-            elif isinstance(act, Commit):
-                r.winner = r.cands[act.attempt].provider.name
-                r.ttft = now - r.arrival
-                r.status = 200
-            elif isinstance(act, Reject):
-                r.status = 400
-            elif isinstance(act, GiveUp):
-                r.status = act.status
-        dl = race.deadline()
-        if dl is not None and dl != r.timer:
-            r.timer = dl
-            self._push(dl, "timer", r, -1)
-
-    def _ended(self, r: Req, i: int) -> None:
-        if i in r.unhealthy:
-            self.probes_inflight[r.cands[i].provider.name] -= 1
+    def ended(self, r: Req, attempt: int, elapsed: float, how: Ended) -> None:
+        p = r.cands[attempt].provider.name
+        if (r.k, attempt) in self._probes:
+            self._probes.remove((r.k, attempt))
+            self.probes_inflight[p] -= 1
+        if how == "answered":
+            self.exact[p].append((self.now, elapsed))
+            if attempt > 0:
+                self.exact_as_hedge[p].append((self.now, elapsed))
+        elif how == "cancelled":
+            self.censored[p].append((self.now, elapsed))
 
     # ------------------------------------------------------------------------------ reading
 
