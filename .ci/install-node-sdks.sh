@@ -5,14 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-    SUDO="sudo"
-fi
-if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get update -q
-    $SUDO apt-get install -y -q --no-install-recommends nodejs npm
-fi
+bash .ci/apt-install.sh node,npm nodejs npm
 npm ci --prefix tests/node --no-audit --no-fund
 echo "install-node-sdks: node $(node --version), $(ls tests/node/node_modules | tr '\n' ' ')"

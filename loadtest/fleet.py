@@ -83,7 +83,7 @@ def _spawn_redis(tmp: Path, children: Children) -> tuple[subprocess.Popen[bytes]
     """Start redis-server on a free loopback port, no persistence; `children` stops it."""
     exe = shutil.which("redis-server")
     if exe is None:
-        raise SystemExit("fleet: no redis-server on PATH (install it with .ci/install-redis.sh)")
+        raise SystemExit("fleet: no redis-server on PATH (install it with .ci/apt-install.sh, see .ci/run)")
     port = free_port()
     log = open(tmp / "redis.log", "wb")  # closed by Children.close
     proc = subprocess.Popen(

@@ -1,7 +1,7 @@
 """Shared state through a real Redis (issue 12): two proxy instances, simulated providers, 127.0.0.1.
 
-Redis is Debian's `redis-server` (installed by .ci/install-redis.sh); each test starts its own on a free
-loopback port with a temporary directory and no persistence. Locally the tests skip without the binary;
+Redis is Debian's `redis-server` (.ci/run installs it with .ci/apt-install.sh); each test starts its own on
+a free loopback port with a temporary directory and no persistence. Locally the tests skip without the binary;
 in CI (HEDGE_REQUIRE_REDIS=1) they must run.
 
 The proxies are in-process; sync rounds are driven through `RedisShared.sync_once` (the loop's own step)
@@ -85,7 +85,7 @@ class RedisServer:
 
 def need_redis() -> None:
     if REDIS is None:
-        reason = "no `redis-server` on PATH (install it with .ci/install-redis.sh)"
+        reason = "no `redis-server` on PATH (install it with .ci/apt-install.sh, see .ci/run)"
         if os.environ.get("HEDGE_REQUIRE_REDIS"):
             pytest.fail(reason + "; HEDGE_REQUIRE_REDIS is set")
         pytest.skip(reason)

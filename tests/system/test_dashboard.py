@@ -4,7 +4,7 @@ A dashboard whose queries return nothing looks fine in review and is useless in 
 test evaluates every panel query from ``grafana/dashboard.json`` through Prometheus's HTTP API while
 Prometheus scrapes a proxy under a short mixed load (hedges, stalls, errors, an open breaker, client
 cancellations, gateway keys), and asserts each returns at least one finite sample. Prometheus is Debian's
-package, installed by ``.ci/install-prometheus.sh``; it runs here as a child process with a temporary
+package, installed by ``.ci/apt-install.sh`` (from ``.ci/run``); it runs here as a child process with a temporary
 config (generated from ``grafana/prometheus.yml``), storage and port, and is killed in a ``finally``.
 
 The dashboard's well-formedness (ids, grid, datasources, variables, coverage of every metric the proxy
@@ -248,7 +248,7 @@ async def _generate_load(http: aiohttp.ClientSession, url: str) -> dict[str, int
 async def test_every_panel_query_returns_data(tmp_path: Path, http: aiohttp.ClientSession) -> None:
     prometheus = shutil.which("prometheus")
     if prometheus is None:
-        reason = "no `prometheus` binary on PATH (install it with .ci/install-prometheus.sh)"
+        reason = "no `prometheus` binary on PATH (install it with .ci/apt-install.sh, see .ci/run)"
         if os.environ.get("HEDGE_REQUIRE_PROMETHEUS"):
             pytest.fail(reason + "; HEDGE_REQUIRE_PROMETHEUS is set")
         pytest.skip(reason)
