@@ -4,8 +4,9 @@ A dashboard whose queries return nothing looks fine in review and is useless in 
 test evaluates every panel query from ``grafana/dashboard.json`` through Prometheus's HTTP API while
 Prometheus scrapes a proxy under a short mixed load (hedges, stalls, errors, an open breaker, client
 cancellations, gateway keys), and asserts each returns at least one finite sample. Prometheus is Debian's
-package, installed by ``.ci/apt-install.sh`` (from ``.ci/run``); it runs here as a child process with a temporary
-config (generated from ``grafana/prometheus.yml``), storage and port, and is killed in a ``finally``.
+package, installed by ``.ci/apt-install.sh`` (from ``.ci/run``); it runs here as a child process with a
+temporary config (generated from ``grafana/prometheus.yml``), storage and port, and is killed in a
+``finally``.
 
 The dashboard's well-formedness (ids, grid, datasources, variables, coverage of every metric the proxy
 exports) is checked without Prometheus.
