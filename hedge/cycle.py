@@ -161,7 +161,10 @@ class RaceCycle:
             raise ApiError(
                 400, "The request body nests JSON deeper than 255 levels.", code="invalid_json"
             ) from None
-        self.record_outcome(act.attempt, Outcome.LAUNCHED, self.clock(), reason=act.reason)
+        # booked at the race's own launch time: the lane later hears of this attempt by that time, and
+        # finds it among those in flight by equality, not by a search for the nearest
+        launched_at = self.race.attempts[act.attempt].launched_at
+        self.record_outcome(act.attempt, Outcome.LAUNCHED, launched_at, reason=act.reason)
         t = asyncio.ensure_future(self.attempts.run(c, payload, self.call))
         self.tasks[act.attempt] = t
         self._by_task[t] = act.attempt

@@ -223,13 +223,26 @@ class Evidence:
 
     def _window(self) -> None:
         """The kept attempts: the newest `n` ended ones, ours and (shared state) the peers', by end time."""
-        window: list[Ended] = list(self._local)
-        if self._remote:
-            window = heapq.nlargest(self._n, chain(self._local, self._remote))
-        self._sorted = sorted((s, c) for _, s, c in window)
-        self._since = min(at - s for at, s, _ in window) if len(window) >= self._n else -math.inf
-        self._exact = sum(1 for _, c in self._sorted if not c)
-        self._last_kept = max(((at, s) for at, s, c in window if not c), default=(0.0, None))[1]
+        window = heapq.nlargest(self._n, chain(self._local, self._remote)) if self._remote else self._local
+        # one pass (this runs on every ended attempt, on the request path): the sorted (seconds,
+        # censored) pairs, the earliest launch, the exact count and the newest exact answer's TTFT
+        pairs: list[tuple[float, int]] = []
+        since = math.inf
+        exact = 0
+        newest: tuple[float, float] | None = None  # (ended at, seconds), the latest exact by end time
+        for at, s, c in window:
+            pairs.append((s, c))
+            if at - s < since:
+                since = at - s
+            if not c:
+                exact += 1
+                if newest is None or (at, s) > newest:
+                    newest = (at, s)
+        pairs.sort()
+        self._sorted = pairs
+        self._since = since if len(pairs) >= self._n else -math.inf
+        self._exact = exact
+        self._last_kept = None if newest is None else newest[1]
         self._cache = None
 
     @property

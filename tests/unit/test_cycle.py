@@ -241,3 +241,28 @@ async def test_loop_timer_returns_nothing_done_when_the_deadline_came_first() ->
     assert await timer.first([pending], loop.time() - 1.0) == set()
     fut.set_result(AttemptResult())
     assert await timer.first([pending], None) == {pending}  # one task, no deadline: awaited directly
+
+
+class TickingClock(ManualClock):
+    """Every read is a microsecond later than the one before, as a real clock's reads are."""
+
+    def __call__(self) -> float:
+        self.now += 1e-6
+        return self.now
+
+
+async def test_the_lane_hears_of_an_attempt_by_the_launch_time_the_race_gave_it() -> None:
+    # the lane keeps in-flight attempts by launch time and a report names the attempt by the race's
+    # launched_at: booked at another clock reading, the report would have to search for the nearest
+    rig = Rig()
+    rig.clock = rig.attempts.clock = TickingClock()
+    cycle = rig.cycle()
+    run = asyncio.ensure_future(cycle.run())
+    assert await eventually(lambda: rig.attempts.launched == ["a"])
+    c = cycle.cands[0]
+    launched_at = cycle.race.attempts[0].launched_at
+    assert rig.lane.evidence(c)._pending == [launched_at]
+    rig.attempts.token("a")
+    await run
+    cycle.close()
+    assert rig.lane.evidence(c)._pending == []
