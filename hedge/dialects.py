@@ -519,7 +519,10 @@ class StreamForwarder:
             chunk = self.pending + chunk
             self.pending = b""
         if not chunk.endswith(b"\n\n"):
-            cut = event_cut(chunk)
+            # a chunk that ends in CR may end halfway through a CRLF: whether its last event is over
+            # shows only with the next byte, so the cut is looked for before that CR (an LF would
+            # otherwise arrive alone, and when the event was our usage event and cut out, stay behind)
+            cut = event_cut(chunk[:-1] if chunk.endswith(b"\r") else chunk)
             if cut == 0 and len(chunk) < PENDING_LIMIT:
                 self.pending = chunk
                 return b""
