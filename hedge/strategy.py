@@ -99,13 +99,12 @@ class Fastest(Strategy):
     identify them.
 
     The leader is also clearly degraded when its identified median is at least twice its own usual
-    one (the long window's median, `LEAD_MARGIN`): then the first-ranked challenger whose estimate and
-    own evidence (a bound, when it is unknown) are in a faster bucket than that median leads on trial,
-    with no answer of its own required. Under a gradual drift the leader stays identified while it
-    slows, and a challenger that only loses races has no recent answer at all (its long window may even
-    have decayed to unknown), so it waited until the leader was 3-4x slower (`hedge.sim`'s
-    `drift-fleet`); meanwhile the leader's delay, from its lagging long window, demanded more hedges
-    than the budget paid.
+    one (the long window's median, `LEAD_MARGIN`): then the first-ranked challenger whose estimate (or,
+    unknown, its bound) is in a faster bucket than that median leads on trial, with no answer of its
+    own required. Under a gradual drift the leader stays identified while it slows, and a challenger
+    that only loses races has no recent answer at all (its long window may even have decayed to
+    unknown), so it waited until the leader was 3-4x slower (`hedge.sim`'s `drift-fleet`); meanwhile
+    the leader's delay, from its lagging long window, demanded more hedges than the budget paid.
     """
 
     name = "hedge"
@@ -144,11 +143,10 @@ class Fastest(Strategy):
 
 
 def _may_be_faster(v: View, median: float) -> bool:
-    """Everything known of `v`, its estimate and its own evidence's (a bound, or a median), is in a
-    faster bucket than `median`: only its own waiting attempts can tell more, and leading is the free
-    way to hear them. (When every provider slowed at once, a challenger's own attempts soon say so.)"""
-    known = [t for t in (v.ttft, v.estimate.ttft) if t is not None]
-    return bool(known) and all(latency_bucket(t) < latency_bucket(median) for t in known)
+    """What is known of `v` (its estimate, or the bound when it is unknown) is in a faster bucket than
+    `median`: only its own waiting attempts can tell, and leading is the free way to hear them."""
+    t = v.ttft if v.ttft is not None else v.estimate.ttft
+    return t is not None and latency_bucket(t) < latency_bucket(median)
 
 
 def _clearly_faster(v: View, median: float) -> bool:
