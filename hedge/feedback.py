@@ -25,10 +25,11 @@ decisions a request needs, all taken with an explicit `now` so fake-clock tests 
   its old TTFTs (no silence guard); only an identified median may lead, so a provider promoted on old
   evidence takes traffic only until its own waiting attempts say otherwise (no freshness or "current"
   groups), unless the leader is clearly degraded (a challenger's newest kept exact answer is at most
-  half its median: `strategy.LEAD_MARGIN`); and a recovered provider needs four fast answers to lead
-  (no second window). With shared
-  state the ended attempts are the fleet's newest (`Evidence.set_remote`, hedge/shared.py), so a
-  slowdown or a recovery met by another instance's traffic counts here too.
+  half its median: `strategy.LEAD_MARGIN`), or its median is at least twice its own usual one (its long
+  window's: a drift; the best-ranked challenger that may be faster leads on trial); and a recovered
+  provider needs four fast answers to lead (no second window). With shared state the ended attempts
+  are the fleet's newest (`Evidence.set_remote`, hedge/shared.py), so a slowdown or a recovery met by
+  another instance's traffic counts here too.
 - **exploration** (`_explore`): a healthy non-leading candidate that is unknown, has had no exact
   answer for a quarter half-life, or is promising (a fresh answer beat the leader's estimate) is raced
   *beside* the leader from the start (delay 0), so the caller gets the faster of the two and exploring
@@ -323,7 +324,9 @@ class Feedback:
             rate = self.error_rate(c, now)
             tier = PROBE if c.key in probing else ERRORING if rate >= UNHEALTHY_ERROR_RATE else HEALTHY
             ttft, est = self.ttft(c, now) if strategy.needs_latency else (None, _NO_ESTIMATE)
-            views[c.key] = View(c, index[c.endpoint], tier, rate, ttft, est, self.evidence(c).last_kept_exact)
+            usual = self.stats(c).expected_ttft(now) if strategy.needs_latency else None
+            last = self.evidence(c).last_kept_exact
+            views[c.key] = View(c, index[c.endpoint], tier, rate, ttft, est, last, usual)
         available = [v.candidate for v in strategy.rank([views[c.key] for c in available])]
         explore = None
         if strategy.hedges and not preference and len(available) > 1 and available[0].key not in probing:

@@ -16,7 +16,8 @@ give under the provider's behaviour at launch time, so the policy and both refer
 luck, and a run is a pure function of its seed.
 
 Scenarios (`SCENARIOS`) follow issue 9: steady tails, an abrupt 10x slowdown with a brief outage,
-gradual drift, flapping, all slow, recovery, cold start, one provider erroring 30 %.
+gradual drift (over 60 s, and the load test's over 8 s), flapping, all slow, recovery, cold start,
+one provider erroring 30 %.
 """
 
 from __future__ import annotations
@@ -151,6 +152,17 @@ SCENARIOS: dict[str, Scenario] = {
             _trio(a=Provider("a", 0.200, factor=_drift(40.0, 100.0, 5.0))),
             duration=140.0,
             change_at=40.0,
+        ),
+        Scenario(
+            "drift-fleet",
+            "the load test's drift: its providers (50/80/110 ms) at 20 req/s, a ramps 5x over 30-38 s",
+            (
+                Provider("a", 0.050, 0.25, factor=_drift(30.0, 38.0, 5.0)),
+                Provider("b", 0.080, 0.30),
+                Provider("c", 0.110, 0.30),
+            ),
+            duration=60.0,
+            change_at=30.0,
         ),
         Scenario(
             "flapping",
@@ -708,6 +720,18 @@ def slowdown_targets(run: Run, budget: float) -> tuple[Target, Target]:
                f"p99 {p99 * 1000:.0f} ms vs {own_p99 * 1000:.0f} ms"),
         Target("slowdown extra load", extra, budget + 0.02, f"extra {extra:.3f}, budget {budget:.2f}"),
     )  # fmt: skip
+
+
+def drift_target(run: Run) -> Target:
+    """Drift: over the 11 s from 1 s after the ramp starts (the load test's window), p99 <= 1.3x the
+    best provider's own p99 on the same requests (the drifting one's included: it is best at first)."""
+    assert run.scenario.change_at is not None
+    reqs = window(run, run.scenario.change_at + 1.0, run.scenario.change_at + 12.0)
+    p99 = pct(ttfts(reqs), 0.99)
+    own_p99 = min(pct(own(run, reqs, p.name), 0.99) for p in run.scenario.providers)
+    return Target(
+        "drift p99 / best own p99", p99 / own_p99, 1.3, f"p99 {p99 * 1000:.0f} ms vs {own_p99 * 1000:.0f} ms"
+    )
 
 
 def lead_time(run: Run, provider: str, after: float, span: float = 2.0, share: float = 0.9) -> float:

@@ -21,7 +21,8 @@ PROBE, HEALTHY, ERRORING = 0, 1, 2
 
 LEAD_MARGIN = 0.5
 """A candidate whose median is not identified leads an identified one only when its estimate or a fresh
-exact answer is at most this fraction of that median (`Fastest.rank`): the leader is clearly degraded."""
+exact answer is at most this fraction of that median (`Fastest.rank`): the leader is clearly degraded.
+So is a leader whose usual median (its long window's) is at most this fraction of its current one."""
 
 
 def blended_price(c: Candidate) -> float:
@@ -40,6 +41,7 @@ class View:
     ttft: float | None  # expected TTFT given what is outstanding (None: unknown); see Feedback.ttft
     estimate: Estimate  # the evidence behind `ttft` (pending attempts, lower bound or median)
     last_exact: float | None = None  # the newest exact TTFT among its kept attempts (policy.Evidence)
+    usual: float | None = None  # the long window's median (CandidateStats.expected_ttft): its usual TTFT
 
 
 class Strategy:
@@ -95,6 +97,14 @@ class Fastest(Strategy):
     TTFT or two. Without it, a leader slowed at a low rate keeps an identified (slow) median, its
     challengers stay bounds, and exploration paid at b/8 per request takes tens of seconds to
     identify them.
+
+    The leader is also clearly degraded when its identified median is at least twice its own usual
+    one (the long window's median, `LEAD_MARGIN`): then the first-ranked challenger whose estimate (or,
+    unknown, its bound) is in a faster bucket than that median leads on trial, with no answer of its
+    own required. Under a gradual drift the leader stays identified while it slows, and a challenger
+    that only loses races has no recent answer at all (its long window may even have decayed to
+    unknown), so it waited until the leader was 3-4x slower (`hedge.sim`'s `drift-fleet`); meanwhile
+    the leader's delay, from its lagging long window, demanded more hedges than the budget paid.
     """
 
     name = "hedge"
@@ -118,12 +128,25 @@ class Fastest(Strategy):
             return out
         median = ident.ttft
         faster = [v for v in same if _clearly_faster(v, median)]
-        lead = min(faster, key=lambda v: v.last_exact or 0.0) if faster else ident
+        if faster:
+            lead = min(faster, key=lambda v: v.last_exact or 0.0)
+        elif ident.usual is not None and ident.usual <= LEAD_MARGIN * median:
+            # degraded against its own usual: the best-ranked challenger that may be faster, on trial
+            lead = next((v for v in same if v is not ident and _may_be_faster(v, median)), ident)
+        else:
+            lead = ident
         if lead is out[0]:
             return out
         out.remove(lead)
         out.insert(0, lead)
         return out
+
+
+def _may_be_faster(v: View, median: float) -> bool:
+    """What is known of `v` (its estimate, or the bound when it is unknown) is in a faster bucket than
+    `median`: only its own waiting attempts can tell, and leading is the free way to hear them."""
+    t = v.ttft if v.ttft is not None else v.estimate.ttft
+    return t is not None and latency_bucket(t) < latency_bucket(median)
 
 
 def _clearly_faster(v: View, median: float) -> bool:

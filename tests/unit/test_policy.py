@@ -221,6 +221,33 @@ def test_a_clearly_faster_bound_leads_a_degraded_identified_median(b_answer: flo
     assert fb.order(plan, 10.0)[0].provider.name == leader
 
 
+@pytest.mark.parametrize(("a_now", "leader"), [(0.25, "b"), (0.15, "a")])
+def test_a_leader_twice_its_usual_median_yields_to_a_challenger_on_trial(a_now: float, leader: str) -> None:
+    """A drift: a's last answers put its identified median at `a_now`, its long window's (usual)
+    median is 0.1 s; b is known at ~80 ms only from its long window and has no kept exact answer (its
+    last seven attempts lost early), so no answer of its own makes it clearly faster. a at 2.5x its
+    usual median is clearly degraded and b, whose estimate is in a faster bucket, leads on trial; a at
+    1.5x keeps the lead."""
+    fb, plan = fb_and_plan("ab")
+    a, b = plan.candidates
+    for k in range(30):
+        fb.on_launch(a, k * 0.05)
+        fb.on_first_token(a, 0.1, k * 0.05 + 0.1)
+        fb.on_launch(b, k * 0.05)
+        fb.on_first_token(b, 0.08, k * 0.05 + 0.08)
+    for k in range(EVIDENCE_N):
+        fb.on_launch(a, 2.0 + k * 0.3)
+        fb.on_first_token(a, a_now, 2.0 + k * 0.3 + a_now)
+        fb.on_launch(b, 2.0 + k * 0.3)
+        fb.on_cancelled(b, 0.02, 2.0 + k * 0.3 + 0.02)
+    now = 5.0
+    assert not fb.evidence(a).estimate(now).lower_bound and fb.ttft(a, now)[0] == a_now
+    assert fb.evidence(b).estimate(now).lower_bound and fb.evidence(b).last_kept_exact is None
+    assert fb.stats(a).expected_ttft(now) == pytest.approx(0.1, rel=0.15)
+    assert fb.ttft(b, now)[0] == pytest.approx(0.08, rel=0.15)
+    assert fb.order(plan, now)[0].provider.name == leader
+
+
 def test_a_stale_refresh_keeps_an_exploration_token_for_news() -> None:
     """Routine refreshes spend the exploration bucket only when it is full, so the token a promising
     candidate needs after a change is there."""
