@@ -1,8 +1,9 @@
-"""Command line: ``python -m loadtest {run,overhead,client,config,scenarios}``.
+"""Command line: ``python -m loadtest {run,overhead,cpu,client,config,scenarios,fleet,abuse}``.
 
 python -m loadtest run --scenario stalls --duration 20 --rate 100
 python -m loadtest run --scenario degrade --concurrency 16
 python -m loadtest overhead --concurrency 1 --requests 2000
+python -m loadtest cpu --requests 6000 --rounds 3 [--model gammainfra/fast] [--profile]
 python -m loadtest client --requests 4000 --concurrency 32
 python -m loadtest scenarios
 python -m loadtest fleet --duration 16 --rate 40
@@ -90,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--repeat", type=int, default=1, help="repeat the whole benchmark, report the spread")
     o.add_argument("--targets", default="direct,baseline,hedge,fast")
     o.add_argument("--out", type=Path)
+
+    u = sub.add_parser("cpu", help="the proxy's own CPU per request, to compare two commits")
+    u.add_argument("--model", default="lt/chat", help="lt/chat (pinned) or gammainfra/fast (the race)")
+    u.add_argument("--requests", type=int, default=6000, help="streaming requests per round")
+    u.add_argument("--concurrency", type=int, default=32)
+    u.add_argument("--rounds", type=int, default=3)
+    u.add_argument("--warmup", type=int, default=300)
+    u.add_argument("--profile", action="store_true", help="run the proxy under cProfile, rank modules")
 
     k = sub.add_parser("client", help="upstream clients alone: receive-path CPU, fast vs aiohttp")
     k.add_argument("--requests", type=int, default=4000, help="client phase requests per client")
@@ -234,6 +243,17 @@ def main(argv: list[str] | None = None) -> int:
             if bopts.requests > 1_000_000 or bopts.throughput_requests > 1_000_000:
                 raise SystemExit("request counts are capped at 1,000,000 per phase")
             _run_async(overhead(bopts))
+        elif args.cmd == "cpu":
+            from .cpu import CpuOptions, measure
+            from .cpu import render as render_cpu
+
+            if not 0 < args.requests <= 1_000_000 or not 0 < args.concurrency <= 1024 or args.warmup < 0:
+                raise SystemExit("--requests within [1, 1000000], --concurrency within [1, 1024]")
+            copts = CpuOptions(
+                model=args.model, requests=args.requests, concurrency=args.concurrency,
+                rounds=max(1, args.rounds), warmup=args.warmup, profile=args.profile,
+            )  # fmt: skip
+            print(render_cpu(_run_async(measure(copts)), copts))
         elif args.cmd == "client":
             from .clientbench import render
             from .clientbench import run as client_bench

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 import subprocess
 import sys
 import tomllib
@@ -371,6 +372,20 @@ def test_smoke_client_bench() -> None:
     proc = _run_cli("client", "--requests", "80", "--concurrency", "4", "--rounds", "2", "--streams", "5")
     assert "lean client receive path" in proc.stdout and "llhttp alone" in proc.stdout
     assert "ratio fast/aiohttp" in proc.stdout
+
+
+def test_smoke_cpu_with_profile() -> None:
+    # a round's figure is the proxy's CPU per request; under --profile the proxy must still drain on
+    # SIGTERM, or cProfile never writes its file and no module is ranked
+    proc = _run_cli(
+        "cpu", "--requests", "200", "--concurrency", "8", "--rounds", "2", "--warmup", "20", "--profile",
+        "--model", "gammainfra/fast",
+    )  # fmt: skip
+    head = re.search(r"median ([0-9.]+) us \(rounds: ([0-9.]+), ([0-9.]+)\)", proc.stdout)
+    assert head is not None, proc.stdout
+    assert all(float(x) > 0 for x in head.groups())
+    ranked = re.findall(r"^  (\S+\.py) +([0-9.]+) us$", proc.stdout, re.M)
+    assert {"proxy.py", "cycle.py", "dialects.py"} <= {name for name, _ in ranked}
 
 
 def test_smoke_overhead(tmp_path: Path) -> None:
