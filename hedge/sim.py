@@ -107,6 +107,15 @@ def _trio(**kw: Any) -> tuple[Provider, ...]:
     return tuple(base.values())
 
 
+def _fleet(a_factor: Factor) -> tuple[Provider, ...]:
+    """The load test fleet's providers (50/80/110 ms), the leader `a` changing by `a_factor`."""
+    return (
+        Provider("a", 0.050, 0.25, factor=a_factor),
+        Provider("b", 0.080, 0.30),
+        Provider("c", 0.110, 0.30),
+    )
+
+
 def _flap(period: float, slow: float) -> Factor:
     return lambda t: slow if t >= 20.0 and int((t - 20.0) // period) % 2 == 1 else 1.0
 
@@ -137,11 +146,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "slowdown-10rps",
             "the load test fleet's providers at one instance's share (10 req/s): a 50 ms -> 500 ms at 60 s",
-            (
-                Provider("a", 0.050, 0.25, factor=step(60.0, 1.0, 10.0)),
-                Provider("b", 0.080, 0.30),
-                Provider("c", 0.110, 0.30),
-            ),
+            _fleet(step(60.0, 1.0, 10.0)),
             duration=120.0,
             rate=10.0,
             change_at=60.0,
@@ -156,11 +161,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "drift-fleet",
             "the load test's drift: its providers (50/80/110 ms) at 20 req/s, a ramps 5x over 30-38 s",
-            (
-                Provider("a", 0.050, 0.25, factor=_drift(30.0, 38.0, 5.0)),
-                Provider("b", 0.080, 0.30),
-                Provider("c", 0.110, 0.30),
-            ),
+            _fleet(_drift(30.0, 38.0, 5.0)),
             duration=60.0,
             change_at=30.0,
         ),
