@@ -32,7 +32,7 @@ from .dialects import Usage
 from .errors import ApiError
 from .feedback import Feedback, Order
 from .metrics import Metrics
-from .race import Cancel, Commit, FailureKind, GiveUp, Launch, Race, Reject
+from .race import Action, Cancel, Commit, FailureKind, GiveUp, Launch, Race, Reject
 from .secrets import Scrubber
 
 
@@ -171,7 +171,7 @@ class RaceCycle:
         self.live.add(t)
         t.add_done_callback(self.live.discard)
 
-    def on_done(self, t: asyncio.Task[AttemptResult], now: float) -> list:
+    def on_done(self, t: asyncio.Task[AttemptResult], now: float) -> list[Action]:
         """An attempt's task ended (a first token or a failure): book it and tell the race."""
         i = self._by_task[t]
         del self.tasks[i]

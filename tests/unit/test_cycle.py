@@ -83,10 +83,9 @@ class Rig:
         self.attempts = FakeAttempts(self.clock)
         self.live: set[asyncio.Task[AttemptResult]] = set()
 
-    def cycle(self, body: dict[str, Any] | None = None) -> RaceCycle:
-        call = Call(
-            CHAT, body or {"model": ROUTE, "messages": []}, stream=True, strip_usage=True, wasted_tokens=7
-        )
+    def cycle(self, *, pinned: bool = False) -> RaceCycle:
+        body = {"model": ROUTE, "messages": []}
+        call = Call(CHAT, body, stream=True, strip_usage=True, wasted_tokens=7, pinned=pinned)
         order = self.lane.order(self.plan, self.clock(), ("a", "b", "c"), self.plan.candidates)
         return RaceCycle(
             call, self.plan, order, lane=self.lane, eagerness=0.5, attempts=self.attempts,  # type: ignore[arg-type]
@@ -201,12 +200,7 @@ async def test_a_caller_error_is_the_providers_message_scrubbed_and_nothing_else
 
 async def test_a_pinned_call_is_one_attempt_with_no_timer() -> None:
     rig = Rig()
-    cycle = rig.cycle()
-    cycle.call.pinned = True
-    cycle = RaceCycle(
-        cycle.call, rig.plan, cycle.order, lane=rig.lane, eagerness=0.5, attempts=rig.attempts,  # type: ignore[arg-type]
-        metrics=rig.metrics, timer=rig.clock, clock=rig.clock, scrub=Scrubber(()), live=rig.live, t_in=0.0,
-    )  # fmt: skip
+    cycle = rig.cycle(pinned=True)
     run = asyncio.ensure_future(cycle.run())
     assert await eventually(lambda: rig.attempts.launched == ["a"])
     assert cycle.race.deadline() is None and rig.clock.waiting == 0
